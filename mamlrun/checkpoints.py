@@ -1,0 +1,82 @@
+"""Self-describing checkpoints: weights, optimizer, every RNG state, iteration and resolved config.
+
+A checkpoint holds everything needed to continue a run bit-for-bit on the CPU (`resume=`) or to
+evaluate it without the original config files (`mamlrun eval checkpoint=`). Files are written to a
+temporary name and renamed, so a run killed mid-save never leaves a truncated `last.pt`.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from mamlrun.errors import UserError
+
+CHECKPOINT_DIR = "checkpoints"
+
+
+def rng_state() -> dict[str, Any]:
+    state = {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save(path: Path, payload: dict[str, Any]) -> None:
+    """Atomically write `payload` (see `train.py` for its keys) to `path`."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    torch.save(payload, tmp)
+    os.replace(tmp, path)
+
+
+def resolve(path_or_run_dir: str | Path, prefer: str = "best.pt") -> Path:
+    """A checkpoint file from a file path or a run directory (its `checkpoints/<prefer>`).
+
+    Raises:
+        UserError: naming the path when nothing loadable is there.
+    """
+    path = Path(path_or_run_dir).expanduser()
+    if path.is_dir():
+        for candidate in (path / CHECKPOINT_DIR / prefer, path / CHECKPOINT_DIR / "last.pt"):
+            if candidate.is_file():
+                return candidate
+        raise UserError(
+            f"{path}: no {CHECKPOINT_DIR}/{prefer} or {CHECKPOINT_DIR}/last.pt in this directory; "
+            "pass a run directory of `mamlrun train` or a .pt file"
+        )
+    if not path.is_file():
+        raise UserError(f"{path}: no such checkpoint file or run directory")
+    return path
+
+
+def load(path: Path) -> dict[str, Any]:
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as err:  # noqa: BLE001 - torch raises many types for a bad file
+        raise UserError(f"{path}: not a readable mamlrun checkpoint ({type(err).__name__})") from None
+    if not isinstance(payload, dict) or "model" not in payload or "config" not in payload:
+        raise UserError(f"{path}: not a mamlrun checkpoint (no model weights and config inside)")
+    return payload
+
+
+def run_dir_of(checkpoint: Path) -> Path:
+    """The run directory a checkpoint belongs to (the parent of `checkpoints/`)."""
+    return checkpoint.parent.parent if checkpoint.parent.name == CHECKPOINT_DIR else checkpoint.parent

@@ -1,0 +1,296 @@
+"""Typed schemas for every config group, and `validate(cfg)`, run before any work starts.
+
+Hydra composes plain YAML (struct mode already refuses `sed=3`); this module then checks the
+composed config against dataclass schemas, so a wrong type, an unknown key added with `+key=...`,
+a negative learning rate or an impossible task shape fails in one line that names the key, before
+data is loaded or a run directory is filled. Each group's `name:` picks its schema from a registry,
+so adding a dataset, model or algorithm means adding a dataclass here and a YAML file in conf/.
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass, field
+from typing import Any
+
+import hydra.utils
+from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from mamlrun.errors import UserError
+
+
+class ConfigError(UserError):
+    """A config value mamlrun cannot run with. The message names the key and the fix."""
+
+
+# ----------------------------------------------------------------------------------- schemas
+
+
+@dataclass
+class SinusoidDataset:
+    name: str = "sinusoid"
+    amplitude: list[float] = field(default_factory=lambda: [0.1, 5.0])
+    phase: list[float] = field(default_factory=lambda: [0.0, 3.141592653589793])
+    x_range: list[float] = field(default_factory=lambda: [-5.0, 5.0])
+    shots: int = 10
+    query_shots: int = 10
+    eval_shots: list[int] = field(default_factory=lambda: [5, 10, 20])
+    eval_query_points: int = 100
+
+
+@dataclass
+class MLPModel:
+    name: str = "mlp"
+    hidden: list[int] = field(default_factory=lambda: [40, 40])
+    activation: str = "relu"
+    init: str = "authors"
+
+
+@dataclass
+class Algorithm:
+    name: str = "maml"
+    inner_lr: float = 0.01
+    inner_steps: int = 1
+    test_inner_steps: int = 10
+    first_order: bool = False
+    meta_batch_size: int = 25
+    meta_lr: float = 0.001
+    meta_optimizer: dict[str, Any] = field(
+        default_factory=lambda: {"_target_": "torch.optim.Adam", "_partial_": True}
+    )
+    grad_clip: float | None = None
+
+
+@dataclass
+class Hardware:
+    name: str = "cpu"
+    device: str = "cpu"
+    threads: int = 1
+    deterministic: bool = True
+
+
+@dataclass
+class WandbLogger:
+    name: str = "wandb"
+    mode: str = "offline"
+    project: str = "mamlrun"
+    entity: str | None = None
+    group: str | None = None
+    run_name: str | None = None
+    tags: list[str] = field(default_factory=list)
+
+
+@dataclass
+class NoLogger:
+    name: str = "none"
+
+
+@dataclass
+class TrainLoop:
+    iterations: int = 70000
+    log_every: int = 100
+    val_every: int = 1000
+    val_tasks: int = 100
+    checkpoint_every: int = 1000
+    eval_at_end: bool = True
+
+
+@dataclass
+class EvalSettings:
+    tasks: int = 600
+    seed: int = 1234
+    plot_tasks: int = 3
+    inner_steps: int | None = None
+    shots: list[int] | None = None
+
+
+DATASETS: dict[str, type] = {"sinusoid": SinusoidDataset}
+MODELS: dict[str, type] = {"mlp": MLPModel}
+ALGORITHMS: dict[str, type] = {"maml": Algorithm, "fomaml": Algorithm}
+HARDWARE: dict[str, type] = {"cpu": Hardware, "cuda": Hardware}
+LOGGERS: dict[str, type] = {"wandb": WandbLogger, "none": NoLogger}
+
+GROUPS: dict[str, dict[str, type]] = {
+    "dataset": DATASETS,
+    "model": MODELS,
+    "algorithm": ALGORITHMS,
+    "hardware": HARDWARE,
+    "logger": LOGGERS,
+}
+# Top-level keys of each primary config, besides the groups and Hydra's own node.
+TOP_LEVEL: dict[str, dict[str, Any]] = {
+    "train": {
+        "task_name": str,
+        "seed": int,
+        "resume": (str, type(None)),
+        "print_config": bool,
+        "train": TrainLoop,
+        "eval": EvalSettings,
+    },
+    "eval": {
+        "task_name": str,
+        "seed": int,
+        "checkpoint": str,
+        "print_config": bool,
+        "eval": EvalSettings,
+    },
+}
+
+
+# -------------------------------------------------------------------------------- validation
+
+
+def _typed(path: str, node: Any, schema: type) -> Any:
+    """Merge `node` onto `schema`: refuses unknown keys and values of the wrong type."""
+    if not isinstance(node, DictConfig):
+        raise ConfigError(f"{path}: expected a mapping of keys, got {node!r}")
+    try:
+        merged = OmegaConf.merge(OmegaConf.structured(schema), node)
+        return OmegaConf.to_object(merged)
+    except OmegaConfBaseException as err:
+        key = getattr(err, "full_key", None) or ""
+        where = f"{path}.{key}" if key else path
+        reason = str(err).splitlines()[0]
+        raise ConfigError(f"{where}: {reason}") from None
+
+
+def _check(condition: bool, key: str, message: str) -> None:
+    if not condition:
+        raise ConfigError(f"{key}: {message}")
+
+
+def _check_range(key: str, value: list[float], low: float | None = None) -> None:
+    _check(len(value) == 2 and value[0] <= value[1], key, f"expected [low, high], got {value}")
+    if low is not None:
+        _check(value[0] >= low, key, f"must be >= {low}, got {value}")
+
+
+def validate(cfg: DictConfig, primary: str = "train") -> dict[str, Any]:
+    """Check a composed config; return its typed sections (dataclasses) keyed by name.
+
+    Raises:
+        ConfigError: one line naming the offending key and what to do.
+    """
+    typed: dict[str, Any] = {}
+    allowed = set(TOP_LEVEL[primary]) | {"hydra"}
+    groups_here = [g for g in GROUPS if g in cfg or primary == "train"]
+    for key in cfg:
+        if key not in allowed and key not in GROUPS:
+            raise ConfigError(f"{key}: unknown key (remove it, or check its spelling)")
+    for group in groups_here:
+        node = cfg.get(group)
+        if node is None:
+            raise ConfigError(f"{group}: missing; choose one of {sorted(GROUPS[group])}")
+        name = node.get("name") if isinstance(node, DictConfig) else None
+        registry = GROUPS[group]
+        if name not in registry:
+            raise ConfigError(f"{group}.name: unknown {group} {name!r} (choices: {sorted(registry)})")
+        typed[group] = _typed(group, node, registry[name])
+    for key, kind in TOP_LEVEL[primary].items():
+        if isinstance(kind, type) and hasattr(kind, "__dataclass_fields__"):
+            typed[key] = _typed(key, cfg.get(key), kind)
+        else:
+            if OmegaConf.is_missing(cfg, key):
+                raise ConfigError(f"{key}: required; pass {key}=<value> on the command line")
+            value = cfg.get(key)
+            if not isinstance(value, kind) or isinstance(value, bool) and kind is int:
+                raise ConfigError(f"{key}: expected {_kind_name(kind)}, got {value!r}")
+            typed[key] = value
+    _check_values(typed)
+    return typed
+
+
+def _kind_name(kind: Any) -> str:
+    kinds = kind if isinstance(kind, tuple) else (kind,)
+    return " or ".join("null" if k is type(None) else k.__name__ for k in kinds)
+
+
+def _check_values(typed: dict[str, Any]) -> None:
+    """Value checks the types alone cannot express."""
+    algorithm = typed.get("algorithm")
+    if algorithm is not None:
+        _check(algorithm.inner_lr >= 0, "algorithm.inner_lr", f"must be >= 0, got {algorithm.inner_lr}")
+        _check(algorithm.meta_lr > 0, "algorithm.meta_lr", f"must be > 0, got {algorithm.meta_lr}")
+        for key in ("inner_steps", "test_inner_steps"):
+            value = getattr(algorithm, key)
+            _check(value >= 0, f"algorithm.{key}", f"must be >= 0, got {value}")
+        _check(
+            algorithm.meta_batch_size >= 1,
+            "algorithm.meta_batch_size",
+            f"must be >= 1, got {algorithm.meta_batch_size}",
+        )
+        if algorithm.grad_clip is not None:
+            _check(algorithm.grad_clip > 0, "algorithm.grad_clip", "must be > 0 or null")
+        _check_optimizer(algorithm.meta_optimizer)
+    dataset = typed.get("dataset")
+    if isinstance(dataset, SinusoidDataset):
+        _check_range("dataset.amplitude", dataset.amplitude)
+        _check_range("dataset.phase", dataset.phase)
+        _check_range("dataset.x_range", dataset.x_range)
+        _check(dataset.shots >= 1, "dataset.shots", f"must be >= 1, got {dataset.shots}")
+        _check(dataset.query_shots >= 1, "dataset.query_shots", f"must be >= 1, got {dataset.query_shots}")
+        _check(
+            len(dataset.eval_shots) > 0 and min(dataset.eval_shots) >= 1,
+            "dataset.eval_shots",
+            f"must be a non-empty list of K >= 1, got {dataset.eval_shots}",
+        )
+        _check(dataset.eval_query_points >= 1, "dataset.eval_query_points", "must be >= 1")
+    for ways_key in ("ways",):
+        ways = getattr(dataset, ways_key, None)
+        if ways is not None:
+            _check(ways >= 2, f"dataset.{ways_key}", f"must be >= 2 (a task needs two classes), got {ways}")
+    model = typed.get("model")
+    if isinstance(model, MLPModel):
+        _check(all(h >= 1 for h in model.hidden), "model.hidden", f"sizes must be >= 1, got {model.hidden}")
+        _check(model.activation in ("relu", "tanh"), "model.activation", "choose relu or tanh")
+        _check(model.init in ("authors", "torch"), "model.init", "choose authors or torch")
+    train = typed.get("train")
+    if isinstance(train, TrainLoop):
+        _check(train.iterations >= 0, "train.iterations", f"must be >= 0, got {train.iterations}")
+        for key in ("log_every", "val_every", "val_tasks", "checkpoint_every"):
+            _check(getattr(train, key) >= 1, f"train.{key}", f"must be >= 1, got {getattr(train, key)}")
+    evaluation = typed.get("eval")
+    if isinstance(evaluation, EvalSettings):
+        _check(evaluation.tasks >= 2, "eval.tasks", f"must be >= 2 for a CI, got {evaluation.tasks}")
+        _check(evaluation.plot_tasks >= 0, "eval.plot_tasks", "must be >= 0")
+        if evaluation.inner_steps is not None:
+            _check(evaluation.inner_steps >= 0, "eval.inner_steps", "must be >= 0 or null")
+        if evaluation.shots is not None:
+            _check(
+                len(evaluation.shots) > 0 and min(evaluation.shots) >= 1,
+                "eval.shots",
+                f"must be a non-empty list of K >= 1 or null, got {evaluation.shots}",
+            )
+    hardware = typed.get("hardware")
+    if hardware is not None:
+        _check(hardware.threads >= 1, "hardware.threads", f"must be >= 1, got {hardware.threads}")
+    logger = typed.get("logger")
+    if isinstance(logger, WandbLogger):
+        _check(
+            logger.mode in ("offline", "online", "disabled"),
+            "logger.mode",
+            f"choose offline, online or disabled, got {logger.mode!r}",
+        )
+
+
+def _check_optimizer(spec: dict[str, Any]) -> None:
+    """Resolve the optimizer's `_target_` and bind its arguments without building it."""
+    target = spec.get("_target_")
+    _check(isinstance(target, str), "algorithm.meta_optimizer._target_", "must name a torch optimizer")
+    try:
+        optimizer_class = hydra.utils.get_class(target)
+    except Exception:  # noqa: BLE001 - Hydra raises several types; all mean "cannot import"
+        raise ConfigError(
+            f"algorithm.meta_optimizer._target_: cannot import {target!r} (e.g. torch.optim.Adam)"
+        ) from None
+    kwargs = {k: v for k, v in spec.items() if not k.startswith("_")}
+    try:
+        inspect.signature(optimizer_class).bind(params=[], lr=1.0, **kwargs)
+    except TypeError as err:
+        raise ConfigError(f"algorithm.meta_optimizer: {err}") from None
+
+
+def to_container(cfg: DictConfig | ListConfig) -> Any:
+    """The resolved config as plain Python (for checkpoints, metrics and wandb)."""
+    return OmegaConf.to_container(cfg, resolve=True)

@@ -1,0 +1,161 @@
+"""Evaluation on held-out test tasks: per-step metric, mean and 95% CI, `eval.json`.
+
+The protocol is the paper's: N test tasks (600 by default), each adapted from the meta-learned
+initialization with up to S gradient steps of size alpha on its support set, and scored on its query
+set after every step. The 95% confidence interval is 1.96 * std / sqrt(N), with the population std
+(ddof=0) as in the authors' code. Test tasks depend only on `eval.seed`, never on the run seed, so
+every run and every algorithm is scored on the same tasks.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, OmegaConf
+
+from mamlrun import builders, checkpoints, console, plots
+from mamlrun.config import EvalSettings, validate
+from mamlrun.engine import Learn2LearnEngine
+from mamlrun.loggers import Tracker
+
+EVAL_FILE = "eval.json"
+# Tasks adapted per call while evaluating; bounds memory for large models.
+EVAL_CHUNK = 100
+
+
+def summarize(values: torch.Tensor) -> dict[str, list[float]]:
+    """Per-step statistics of a [tasks, steps + 1] tensor: mean, std, ci95, median."""
+    values = values.double()
+    std = values.std(dim=0, unbiased=False)
+    return {
+        "mean": values.mean(dim=0).tolist(),
+        "std": std.tolist(),
+        "ci95": (1.96 * std / math.sqrt(values.shape[0])).tolist(),
+        "median": values.median(dim=0).values.tolist(),
+    }
+
+
+def adaptation_curves(
+    engine: Learn2LearnEngine, sampler: Any, tasks: int, steps: int, device: torch.device
+) -> dict[str, torch.Tensor]:
+    """Per-task loss and metric after 0..steps adaptation steps on `tasks` tasks from `sampler`."""
+    parts: list[dict[str, torch.Tensor]] = []
+    for start in range(0, tasks, EVAL_CHUNK):
+        batch = sampler.sample(min(EVAL_CHUNK, tasks - start)).to(device)
+        parts.append(engine.adaptation_curve(batch, steps))
+    return {key: torch.cat([p[key] for p in parts]) for key in parts[0]}
+
+
+def evaluate(
+    engine: Learn2LearnEngine,
+    typed: dict[str, Any],
+    settings: EvalSettings,
+    device: torch.device,
+) -> dict[str, Any]:
+    """Evaluate `engine.model` on `settings.tasks` test tasks for each K; returns eval.json's dict."""
+    dataset, algorithm = typed["dataset"], typed["algorithm"]
+    steps = algorithm.test_inner_steps if settings.inner_steps is None else settings.inner_steps
+    results: dict[str, Any] = {}
+    started = time.perf_counter()
+    for shots in builders.eval_shots(dataset, settings.shots):
+        sampler = builders.task_sampler(dataset, "test", seed=settings.seed, shots=shots)
+        curves = adaptation_curves(engine, sampler, settings.tasks, steps, device)
+        results[f"K={shots}"] = {
+            "shots": shots,
+            engine.metric_name: summarize(curves[engine.metric_name]),
+            "loss": summarize(curves["loss"]),
+        }
+    return {
+        "metric": engine.metric_name,
+        "higher_is_better": engine.higher_is_better,
+        "tasks": settings.tasks,
+        "inner_steps": steps,
+        "inner_lr": algorithm.inner_lr,
+        "eval_seed": settings.seed,
+        "dataset": dataset.name,
+        "algorithm": algorithm.name,
+        "seconds": round(time.perf_counter() - started, 2),
+        "results": results,
+    }
+
+
+def headline(report: dict[str, Any]) -> dict[str, float]:
+    """Flat `test/K<k>/<metric>_step<s>` numbers (and their CI) for trackers and sweeps."""
+    flat: dict[str, float] = {}
+    metric = report["metric"]
+    for label, result in report["results"].items():
+        key = label.replace("=", "")
+        for step, (mean, ci) in enumerate(
+            zip(result[metric]["mean"], result[metric]["ci95"], strict=True)
+        ):
+            flat[f"test/{key}/{metric}_step{step}"] = mean
+            flat[f"test/{key}/{metric}_step{step}_ci95"] = ci
+    return flat
+
+
+def report_steps(inner_steps: int) -> list[int]:
+    """The steps shown in tables: 0, 1, 5, 10 and the last, where they exist."""
+    return sorted({s for s in (0, 1, 5, 10, inner_steps) if s <= inner_steps})
+
+
+def table_rows(report: dict[str, Any]) -> tuple[list[str], list[list[Any]]]:
+    metric, steps = report["metric"], report_steps(report["inner_steps"])
+    columns = ["setting"] + [f"{metric} after {s} step{'s' * (s != 1)}" for s in steps]
+    rows = []
+    for label, result in report["results"].items():
+        stats = result[metric]
+        rows.append([label] + [f"{stats['mean'][s]:.3f} ± {stats['ci95'][s]:.3f}" for s in steps])
+    return columns, rows
+
+
+def write_report(
+    report: dict[str, Any],
+    run_dir: Path,
+    engine: Learn2LearnEngine,
+    typed: dict[str, Any],
+    device: torch.device,
+    tracker: Tracker,
+    step: int,
+) -> list[Path]:
+    """Write eval.json and the evaluation plots, print the table, send both to the tracker."""
+    (run_dir / EVAL_FILE).write_text(json.dumps(report, indent=2) + "\n")
+    columns, rows = table_rows(report)
+    title = f"Test: {report['tasks']} tasks, mean ± 95% CI ({report['dataset']}, {report['algorithm']})"
+    console.print_table(title, columns, rows)
+    tracker.log(headline(report), step=step)
+    tracker.log_table("test/table", columns, rows)
+    images = plots.evaluation_plots(report, run_dir, engine, typed, device)
+    tracker.log_images(images)
+    return images
+
+
+def run_eval(cfg: DictConfig) -> dict[str, float]:
+    """`mamlrun eval checkpoint=<run dir or .pt>`: evaluate a trained model, write eval.json."""
+    settings = validate(cfg, primary="eval")
+    checkpoint_path = checkpoints.resolve(settings["checkpoint"])
+    payload = checkpoints.load(checkpoint_path)
+    trained = validate(OmegaConf.create(payload["config"]), primary="train")
+    typed = {**trained, "hardware": settings["hardware"], "logger": settings["logger"]}
+    device = builders.select_device(settings["hardware"])
+    builders.seed_everything(settings["seed"])
+    model = builders.model_for(typed["model"], typed["dataset"]).to(device)
+    model.load_state_dict(payload["model"])
+    engine = builders.engine_for(model, typed["algorithm"], typed["dataset"])
+    run_dir = Path(HydraConfig.get().runtime.output_dir)
+    console.info(f"Evaluating {checkpoint_path} (iteration {payload['iteration']}) → {run_dir}")
+    from mamlrun.train import make_tracker  # train owns the tracker set-up
+
+    tracker = make_tracker(typed, run_dir, payload["config"] | {"checkpoint": str(checkpoint_path)})
+    try:
+        report = evaluate(engine, typed, settings["eval"], device)
+        report.update(checkpoint=str(checkpoint_path), iteration=payload["iteration"])
+        write_report(report, run_dir, engine, typed, device, tracker, step=payload["iteration"])
+    finally:
+        tracker.finish()
+    return headline(report)

@@ -1,0 +1,165 @@
+"""Where metrics go: always `metrics.jsonl` in the run directory, and optionally Weights & Biases.
+
+Metric keys are `split/name` (`train/loss_post`, `val/mse_step10`, `test/K5/mse_step1`). wandb is
+imported only when `logger=wandb`, so `logger=none` never touches it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any, Protocol
+
+METRICS_FILE = "metrics.jsonl"
+
+
+class Tracker(Protocol):
+    def log(self, row: dict[str, Any], step: int) -> None: ...
+    def log_images(self, paths: list[Path]) -> None: ...
+    def log_table(self, name: str, columns: list[str], rows: list[list[Any]]) -> None: ...
+    def finish(self, exit_code: int = 0) -> None: ...
+
+
+class NullTracker:
+    """`logger=none`."""
+
+    def log(self, row: dict[str, Any], step: int) -> None:
+        pass
+
+    def log_images(self, paths: list[Path]) -> None:
+        pass
+
+    def log_table(self, name: str, columns: list[str], rows: list[list[Any]]) -> None:
+        pass
+
+    def finish(self, exit_code: int = 0) -> None:
+        pass
+
+
+class WandbTracker:
+    """A wandb run, offline unless `mode=online` (WANDB_MODE in the environment wins).
+
+    Offline runs are written under `<run dir>/wandb/` and can be uploaded later with `wandb sync`.
+    """
+
+    def __init__(
+        self,
+        run_dir: Path,
+        config: dict[str, Any],
+        mode: str,
+        project: str,
+        name: str,
+        group: str,
+        entity: str | None = None,
+        tags: list[str] | None = None,
+        resume_id: str | None = None,
+    ) -> None:
+        import wandb  # imported here: logger=none must not pay for it or touch its files
+
+        self._wandb = wandb
+        self.run = wandb.init(
+            dir=str(run_dir),
+            mode=os.environ.get("WANDB_MODE", mode),
+            project=project,
+            entity=entity,
+            name=name,
+            group=group,
+            tags=tags or [],
+            config=config,
+            id=resume_id,
+            resume="allow" if resume_id else None,
+            settings=wandb.Settings(console="off", silent=True),
+        )
+
+    @property
+    def run_id(self) -> str:
+        return self.run.id
+
+    def log(self, row: dict[str, Any], step: int) -> None:
+        self.run.log(row, step=step)
+
+    def log_images(self, paths: list[Path]) -> None:
+        self.run.log({f"plots/{p.stem}": self._wandb.Image(str(p)) for p in paths})
+
+    def log_table(self, name: str, columns: list[str], rows: list[list[Any]]) -> None:
+        self.run.log({name: self._wandb.Table(columns=columns, data=rows)})
+        for row in rows:
+            self.run.summary[f"{name}/{row[0]}"] = row[1:]
+
+    def finish(self, exit_code: int = 0) -> None:
+        self.run.finish(exit_code=exit_code)
+
+
+class MetricsFile:
+    """Append-only `metrics.jsonl`: one JSON object per logged point (iteration, split, metrics)."""
+
+    def __init__(self, run_dir: Path, keep_until: int | None = None) -> None:
+        self.path = run_dir / METRICS_FILE
+        if keep_until is not None and self.path.exists():
+            # Resuming: rows logged after the checkpoint will be logged again, identically.
+            kept = [r for r in read_metrics(self.path) if r["iteration"] <= keep_until]
+            self.path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+
+    def write(self, iteration: int, split: str, metrics: dict[str, Any]) -> dict[str, Any]:
+        row = {"iteration": iteration, "split": split, **metrics}
+        with self.path.open("a") as f:
+            f.write(json.dumps(row) + "\n")
+        return row
+
+
+def read_metrics(path: Path) -> list[dict[str, Any]]:
+    with Path(path).open() as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def prefixed(split: str, row: dict[str, Any]) -> dict[str, Any]:
+    """`split/name` keys for a metrics row, without its bookkeeping fields."""
+    return {f"{split}/{k}": v for k, v in row.items() if k not in ("iteration", "split")}
+
+
+def read_wandb_offline(run_file: Path) -> dict[str, Any]:
+    """Read back an offline wandb run (`run-<id>.wandb`): its config, history rows and summary.
+
+    The file is wandb's transaction log: a 7-byte header, then LevelDB-log records (4-byte
+    checksum, 2-byte length, 1-byte type: full/first/middle/last) in 32 KiB blocks, each holding
+    a serialized `wandb.proto` Record. Lets tests and reports check what was logged without a
+    server.
+    """
+    from wandb.proto import wandb_internal_pb2
+
+    data = Path(run_file).read_bytes()
+    block, header = 32768, 7
+    position, pending, payloads = header, b"", []
+    while position + header <= len(data):
+        if block - position % block < header:  # too little room left in this block: padding
+            position += block - position % block
+            continue
+        length = int.from_bytes(data[position + 4 : position + 6], "little")
+        kind = data[position + 6]
+        chunk = data[position + header : position + header + length]
+        position += header + length
+        if kind == 0 and length == 0:
+            break
+        pending += chunk
+        if kind in (1, 4):  # full or last: one record complete
+            payloads.append(pending)
+            pending = b""
+
+    def item_key(item) -> str:
+        return item.key or "/".join(item.nested_key)
+
+    run: dict[str, Any] = {"config": {}, "history": [], "summary": {}}
+    for payload in payloads:
+        record = wandb_internal_pb2.Record()
+        record.ParseFromString(payload)
+        kind = record.WhichOneof("record_type")
+        if kind in ("run", "config"):
+            updates = record.run.config.update if kind == "run" else record.config.update
+            run["config"].update({item_key(i): json.loads(i.value_json) for i in updates})
+        elif kind == "history":
+            run["history"].append({item_key(i): json.loads(i.value_json) for i in record.history.item})
+        elif kind == "summary":
+            run["summary"].update({item_key(i): json.loads(i.value_json) for i in record.summary.update})
+    return run

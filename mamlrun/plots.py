@@ -1,0 +1,110 @@
+"""PNG plots of a run: learning curves, the test metric over adaptation steps (paper Figure 3
+style) and, for sinusoid, fits before and after adaptation (paper Figure 2 style)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")  # no display on training machines
+import matplotlib.pyplot as plt  # noqa: E402
+import torch  # noqa: E402
+
+from mamlrun import builders  # noqa: E402
+from mamlrun.config import SinusoidDataset  # noqa: E402
+
+FIT_STEPS = (0, 1, 10)  # predictions shown in the sinusoid fit plot
+FIT_SHOTS = (5, 10)
+
+
+def learning_curves(rows: list[dict[str, Any]], run_dir: Path, metric: str) -> Path:
+    """Meta-train query loss before/after adaptation, and the validation metric, vs iteration."""
+    train = [r for r in rows if r["split"] == "train"]
+    val = [r for r in rows if r["split"] == "val"]
+    fig, (ax_train, ax_val) = plt.subplots(1, 2, figsize=(11, 4))
+    for key, label in (("loss_pre", "before adaptation"), ("loss_post", "after adaptation")):
+        ax_train.plot([r["iteration"] for r in train], [r[key] for r in train], label=label)
+    ax_train.set(xlabel="iteration", ylabel="meta-train query loss", title="meta-training")
+    if train and all(r["loss_post"] > 0 for r in train):
+        ax_train.set_yscale("log")
+    if val:
+        steps = sorted({int(k.rsplit("step", 1)[1]) for k in val[0] if k.startswith(f"{metric}_step")})
+        for step in (steps[0], 1, steps[-1]):
+            if step in steps:
+                key = f"{metric}_step{step}"
+                ax_val.plot([r["iteration"] for r in val], [r[key] for r in val], label=f"{step} steps")
+        ax_val.set(xlabel="iteration", ylabel=f"validation {metric}", title="validation")
+    for ax in (ax_train, ax_val):
+        if ax.has_data():
+            ax.legend()
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    path = run_dir / "learning_curves.png"
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def adaptation_plot(report: dict[str, Any], run_dir: Path) -> Path:
+    """Test metric (mean ± 95% CI) against the number of adaptation steps, one line per setting."""
+    metric = report["metric"]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for label, result in report["results"].items():
+        mean = torch.tensor(result[metric]["mean"])
+        ci = torch.tensor(result[metric]["ci95"])
+        steps = torch.arange(len(mean))
+        ax.plot(steps, mean, marker="o", label=label)
+        ax.fill_between(steps, mean - ci, mean + ci, alpha=0.2)
+    ax.set(xlabel="adaptation steps", ylabel=f"test {metric}", title=f"{report['algorithm']}, test")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    path = run_dir / "adaptation.png"
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def sinusoid_fits(
+    engine: Any, dataset: SinusoidDataset, seed: int, count: int, run_dir: Path, device
+) -> Path:
+    """Ground truth, the K support points, and predictions after 0, 1 and 10 steps (Figure 2)."""
+    grid = torch.linspace(*dataset.x_range, 200, device=device).view(-1, 1)
+    fig, axes = plt.subplots(len(FIT_SHOTS), count, figsize=(4 * count, 3.2 * len(FIT_SHOTS)))
+    axes = [[axes]] if count == 1 and len(FIT_SHOTS) == 1 else axes
+    for row, shots in enumerate(FIT_SHOTS):
+        batch = builders.task_sampler(dataset, "test", seed=seed, shots=shots).sample(count)
+        for col in range(count):
+            ax = axes[row][col] if count > 1 else axes[row]
+            support_x, support_y = (t[col].to(device) for t in (batch.support_x, batch.support_y))
+            truth = batch.amplitude[col] * torch.sin(grid.cpu() - batch.phase[col])
+            ax.plot(grid.cpu(), truth, color="red", label="ground truth")
+            ax.scatter(support_x.cpu(), support_y.cpu(), marker="^", color="purple", zorder=3,
+                       label="used for grad")
+            outputs = engine.predictions(support_x, support_y, grid, list(FIT_STEPS))
+            styles = {0: ":", 1: "--", 10: "-"}
+            for step, prediction in outputs.items():
+                name = "pre-update" if step == 0 else f"{step} grad step{'s' * (step > 1)}"
+                ax.plot(grid.cpu(), prediction.cpu(), styles[step], color="green", label=name)
+            ax.set_title(f"K={shots}, task {col + 1}")
+            ax.set_xlim(*dataset.x_range)
+    (axes[0][0] if count > 1 else axes[0]).legend(fontsize=7, loc="lower left")
+    fig.tight_layout()
+    path = run_dir / "sinusoid_fits.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def evaluation_plots(
+    report: dict[str, Any], run_dir: Path, engine: Any, typed: dict[str, Any], device
+) -> list[Path]:
+    paths = [adaptation_plot(report, run_dir)]
+    settings = typed["eval"]
+    if isinstance(typed["dataset"], SinusoidDataset) and settings.plot_tasks > 0:
+        paths.append(
+            sinusoid_fits(engine, typed["dataset"], settings.seed, settings.plot_tasks, run_dir, device)
+        )
+    return paths

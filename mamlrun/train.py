@@ -1,0 +1,211 @@
+"""`mamlrun train`: meta-train, validate, checkpoint, then evaluate the best checkpoint.
+
+One iteration: draw a meta-batch of tasks, let the engine adapt to each task and accumulate the
+meta-gradient of the query loss, clip it if asked, take an outer optimizer step. Around that:
+logging every `train.log_every` iterations, validation on a fixed set of held-out tasks every
+`train.val_every`, `checkpoints/last.pt` every `train.checkpoint_every` and `checkpoints/best.pt`
+whenever validation improves. A checkpoint carries every RNG state and the sampler state, so
+`resume=` continues exactly where the run stopped (identical parameters and metrics on the CPU).
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, OmegaConf
+
+from mamlrun import builders, checkpoints, console, plots
+from mamlrun.config import ConfigError, to_container, validate
+from mamlrun.evaluate import evaluate, write_report
+from mamlrun.loggers import MetricsFile, NullTracker, Tracker, WandbTracker, prefixed, read_metrics
+
+# Keys a resumed run takes from the command line; everything else comes from the checkpoint.
+RESUMABLE_SECTIONS = ("train", "eval", "hardware", "logger", "print_config", "resume", "task_name")
+
+
+def make_tracker(
+    typed: dict[str, Any], run_dir: Path, config: dict[str, Any], resume_id: str | None = None
+) -> Tracker:
+    """The experiment tracker chosen by `logger=`; run name and group derive from the experiment."""
+    logger = typed["logger"]
+    if logger.name == "none":
+        return NullTracker()
+    dataset, algorithm = typed["dataset"].name, typed["algorithm"].name
+    group = logger.group or f"{dataset}-{algorithm}"
+    name = logger.run_name or f"{group}-seed{config.get('seed', 0)}"
+    job = HydraConfig.get().job.get("num") if HydraConfig.initialized() else None
+    if job is not None and HydraConfig.get().mode.name == "MULTIRUN":
+        name = f"{name}-job{job}"
+    return WandbTracker(
+        run_dir, config, logger.mode, logger.project, name, group, logger.entity, logger.tags,
+        resume_id=resume_id,
+    )
+
+
+def _resumed_config(cfg: DictConfig, checkpoint_config: dict[str, Any]) -> DictConfig:
+    """The checkpoint's config, with only the run-control sections taken from this command.
+
+    Raises:
+        ConfigError: when the command line overrides what defines the run (dataset, model,
+            algorithm, seed): that is a new run, not a continuation.
+    """
+    overrides = HydraConfig.get().overrides.task if HydraConfig.initialized() else []
+    for override in overrides:
+        key = override.lstrip("+~").split("=", 1)[0].split(".", 1)[0]
+        if key not in RESUMABLE_SECTIONS and not key.startswith("hydra"):
+            raise ConfigError(
+                f"{override}: resume= continues a run with its own {key}; drop this override "
+                "or start a new run"
+            )
+    merged = OmegaConf.create(checkpoint_config)
+    for key in RESUMABLE_SECTIONS:
+        if key in cfg:
+            merged[key] = cfg[key]
+    return merged
+
+
+def _validation(engine, val_batch, steps: int) -> dict[str, float]:
+    curves = {}
+    for start in range(0, len(val_batch), 100):
+        part = engine.adaptation_curve(val_batch.slice(start, start + 100), steps)
+        for key, value in part.items():
+            if key == "loss" and engine.metric_name == "mse":
+                continue  # for regression the metric is the loss
+            curves.setdefault(key, []).append(value)
+    result: dict[str, float] = {}
+    for key, parts in curves.items():
+        mean = torch.cat(parts).double().mean(dim=0)
+        result.update({f"{key}_step{s}": float(v) for s, v in enumerate(mean)})
+    return result
+
+
+def run_train(cfg: DictConfig) -> float:
+    """Train as configured; returns the best validation metric (for Hydra sweepers)."""
+    typed = validate(cfg)
+    run_dir = Path(HydraConfig.get().runtime.output_dir)
+    payload: dict[str, Any] | None = None
+    if typed["resume"]:
+        resume_from = checkpoints.resolve(typed["resume"], prefer="last.pt")
+        payload = checkpoints.load(resume_from)
+        cfg = _resumed_config(cfg, payload["config"])
+        typed = validate(cfg)
+        run_dir = checkpoints.run_dir_of(resume_from)
+    config = to_container(cfg)
+    config.pop("hydra", None)
+    dataset, algorithm, loop = typed["dataset"], typed["algorithm"], typed["train"]
+
+    device = builders.select_device(typed["hardware"])
+    builders.seed_everything(typed["seed"])
+    if typed["print_config"]:
+        console.print_config_tree(config, title=f"mamlrun train → {run_dir}")
+    model = builders.model_for(typed["model"], dataset).to(device)
+    engine = builders.engine_for(model, algorithm, dataset)
+    optimizer = builders.meta_optimizer(model, algorithm)
+    params = sum(p.numel() for p in model.parameters())
+    console.info(f"model <{typed['model'].name}> with {params:,} parameters on {device}")
+    train_tasks = builders.task_sampler(dataset, "train", seed=typed["seed"])
+    val_seed = typed["eval"].seed + builders.VALIDATION_SEED_OFFSET
+    val_batch = builders.task_sampler(dataset, "val", seed=val_seed).sample(loop.val_tasks)
+    val_batch = val_batch.to(device)
+
+    start, best, window = 0, None, []
+    if payload is not None:
+        model.load_state_dict(payload["model"])
+        optimizer.load_state_dict(payload["optimizer"])
+        train_tasks.load_state_dict(payload["sampler"])
+        checkpoints.set_rng_state(payload["rng"])
+        start, best, window = payload["iteration"], payload["best"], payload["window"]
+        console.info(f"resuming {run_dir} from iteration {start}")
+    metrics = MetricsFile(run_dir, keep_until=start if payload else None)
+    tracker = make_tracker(typed, run_dir, config, resume_id=(payload or {}).get("wandb_id"))
+    metric = engine.metric_name
+    sign = 1.0 if engine.higher_is_better else -1.0
+
+    def checkpoint(name: str, iteration: int) -> None:
+        checkpoints.save(
+            run_dir / checkpoints.CHECKPOINT_DIR / name,
+            {
+                "model": model.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "sampler": train_tasks.state_dict(),
+                "rng": checkpoints.rng_state(),
+                "iteration": iteration,
+                "best": best,
+                "window": window,
+                "config": config,
+                "metric": metric,
+                "wandb_id": getattr(tracker, "run_id", None),
+            },
+        )
+
+    exit_code = 1
+    started = time.perf_counter()
+    try:
+        bar = console.progress()
+        with bar:
+            task = bar.add_task("train", total=loop.iterations, completed=start, speed="", losses="")
+            for iteration in range(start + 1, loop.iterations + 1):
+                batch = train_tasks.sample(algorithm.meta_batch_size).to(device)
+                optimizer.zero_grad(set_to_none=True)
+                stats = engine.meta_backward(batch, algorithm.inner_steps)
+                if algorithm.grad_clip is not None:
+                    torch.nn.utils.clip_grad_value_(model.parameters(), algorithm.grad_clip)
+                optimizer.step()
+                window.append(stats)
+                last = iteration == loop.iterations
+                if iteration % loop.log_every == 0 or last:
+                    means = {k: sum(s[k] for s in window) / len(window) for k in window[0]}
+                    if metric == "mse":  # the metric is the loss: do not log it twice
+                        means = {k: v for k, v in means.items() if not k.startswith("metric")}
+                    means = {k.replace("metric", metric): v for k, v in means.items()}
+                    tracker.log(prefixed("train", metrics.write(iteration, "train", means)), iteration)
+                    window = []
+                    rate = (iteration - start) / (time.perf_counter() - started)
+                    bar.update(
+                        task,
+                        speed=f"{rate:.1f} it/s",
+                        losses=f"loss {means['loss_pre']:.3f} → {means['loss_post']:.3f}",
+                    )
+                if iteration % loop.val_every == 0 or last:
+                    val = _validation(engine, val_batch, algorithm.test_inner_steps)
+                    tracker.log(prefixed("val", metrics.write(iteration, "val", val)), iteration)
+                    score = val[f"{metric}_step{algorithm.test_inner_steps}"]
+                    if best is None or sign * score > sign * best["value"]:
+                        best = {"value": score, "iteration": iteration}
+                        checkpoint("best.pt", iteration)
+                if iteration % loop.checkpoint_every == 0 or last:
+                    checkpoint("last.pt", iteration)
+                bar.update(task, completed=iteration)
+        seconds = time.perf_counter() - started
+        rows = read_metrics(metrics.path)
+        tracker.log_images([plots.learning_curves(rows, run_dir, metric)])
+        summary = [
+            ["iterations", f"{loop.iterations:,} ({loop.iterations - start:,} this session)"],
+            ["wall time", f"{seconds:.1f} s ({(loop.iterations - start) / max(seconds, 1e-9):.1f} it/s)"],
+        ]
+        if best is not None:
+            summary.append([f"best val {metric}", f"{best['value']:.4f} (iteration {best['iteration']})"])
+        train_rows = [r for r in rows if r["split"] == "train"]
+        if train_rows:
+            summary.append(["final train loss", f"{train_rows[-1]['loss_pre']:.4f} → "
+                                                f"{train_rows[-1]['loss_post']:.4f}"])
+        console.print_table(f"Training summary: {run_dir}", ["", "value"], summary)
+        if loop.eval_at_end:
+            best_path = run_dir / checkpoints.CHECKPOINT_DIR / "best.pt"
+            if best_path.exists():
+                model.load_state_dict(checkpoints.load(best_path)["model"])
+            report = evaluate(engine, typed, typed["eval"], device)
+            report.update(checkpoint=str(best_path), iteration=(best or {}).get("iteration", 0))
+            write_report(report, run_dir, engine, typed, device, tracker, loop.iterations)
+        exit_code = 0
+        console.info(f"done: {run_dir}")
+        return best["value"] if best else float("nan")
+    except KeyboardInterrupt:
+        console.info(f"interrupted; continue with: mamlrun train resume={run_dir}")
+        raise
+    finally:
+        tracker.finish(exit_code)
