@@ -6,7 +6,9 @@ always build a run the same way.
 
 from __future__ import annotations
 
+import functools
 import random
+from pathlib import Path
 from typing import Any
 
 import hydra.utils
@@ -14,11 +16,13 @@ import numpy as np
 import torch
 from torch import nn
 
-from mamlrun.config import Algorithm, Hardware, SinusoidDataset
+from mamlrun.config import Algorithm, Hardware, ImageDataset, SinusoidDataset, TargetModel
 from mamlrun.engine import Learn2LearnEngine
 from mamlrun.errors import UserError
 from mamlrun.models import build_model
 from mamlrun.tasks import SinusoidTasks
+
+SPLIT_NAMES = {"train": "train", "val": "validation", "test": "test"}
 
 # Seeds of the held-out task sets, offsets from eval.seed: validation never sees test tasks.
 VALIDATION_SEED_OFFSET = 1
@@ -48,14 +52,32 @@ def task_type(dataset: Any) -> str:
     return "regression" if isinstance(dataset, SinusoidDataset) else "classification"
 
 
-def task_sampler(
-    dataset: Any, split: str, seed: int, shots: int | None = None
-) -> SinusoidTasks:
+@functools.lru_cache(maxsize=4)
+def _split_images(name: str, root: str, download: bool, split_seed: int) -> dict[str, tuple]:
+    """(images, classes) per split; read once per process (train, validation and test share it)."""
+    from mamlrun import datasets  # imported on use: sinusoid runs need no image code
+
+    if name == "omniglot":
+        data = datasets.load_omniglot(Path(root).expanduser(), download=download)
+        splits = datasets.omniglot_splits(len(data.images), split_seed=split_seed)
+        return {split: (data.images, classes) for split, classes in splits.items()}
+    result = {}
+    for split in SPLIT_NAMES.values():
+        images = datasets.load_miniimagenet(Path(root).expanduser(), split, download=download)
+        result[split] = (images, list(range(len(images))))
+    return result
+
+
+def load_image_splits(dataset: ImageDataset) -> dict[str, tuple]:
+    return _split_images(dataset.name, dataset.root, dataset.download, dataset.split_seed)
+
+
+def task_sampler(dataset: Any, split: str, seed: int, shots: int | None = None):
     """A sampler of tasks of `split` ("train", "val", "test").
 
-    Meta-training tasks have `dataset.shots` support and `dataset.query_shots` query points. Held-out
-    sinusoid tasks are scored on `eval_query_points` evenly spaced points over the whole x range,
-    as the paper's evaluation.
+    Meta-training tasks have `dataset.shots` support and `dataset.query_shots` query examples.
+    Held-out sinusoid tasks are scored on `eval_query_points` evenly spaced points over the whole
+    x range, as the paper's evaluation; held-out classification tasks use `test_query_shots`.
     """
     if isinstance(dataset, SinusoidDataset):
         return SinusoidTasks(
@@ -67,21 +89,49 @@ def task_sampler(
             seed=seed,
             query_grid=None if split == "train" else dataset.eval_query_points,
         )
-    raise UserError(f"dataset.name={dataset.name}: no task sampler for this dataset")
+    from mamlrun.fewshot import ClassificationTasks
+
+    images, classes = load_image_splits(dataset)[SPLIT_NAMES[split]]
+    return ClassificationTasks(
+        images,
+        classes,
+        ways=dataset.ways,
+        shots=shots or dataset.shots,
+        query_shots=dataset.train_query_shots if split == "train" else dataset.eval_query_shots,
+        rotations=dataset.rotations,
+        seed=seed,
+        split=SPLIT_NAMES[split],
+    )
 
 
 def eval_shots(dataset: Any, requested: list[int] | None) -> list[int]:
-    """The K values evaluated: `eval.shots` if given, else the dataset's list."""
+    """The K values evaluated: `eval.shots` if given, else the dataset's list (or its K)."""
     if requested:
         return list(requested)
     return list(getattr(dataset, "eval_shots", None) or [dataset.shots])
 
 
-def model_for(model_cfg: Any, dataset: Any) -> nn.Module:
-    options = {k: v for k, v in vars(model_cfg).items() if k != "name"}
+def setting_label(dataset: Any, shots: int) -> str:
+    """How a test setting is named in eval.json and tables: `K=5` or `5-way 1-shot`."""
     if isinstance(dataset, SinusoidDataset):
-        return build_model(model_cfg.name, 1, 1, **options)
-    return build_model(model_cfg.name, None, dataset.ways, **options)
+        return f"K={shots}"
+    return f"{dataset.ways}-way {shots}-shot"
+
+
+def input_shape(dataset: Any) -> tuple[int, ...]:
+    if isinstance(dataset, SinusoidDataset):
+        return (1,)
+    channels = 1 if dataset.name == "omniglot" else 3
+    return (channels, dataset.image_size, dataset.image_size)
+
+
+def model_for(model_cfg: Any, dataset: Any) -> nn.Module:
+    """The configured model, with inputs and outputs sized for the dataset (outputs = ways)."""
+    if isinstance(model_cfg, TargetModel):
+        return hydra.utils.instantiate(model_cfg.spec)
+    options = {k: v for k, v in vars(model_cfg).items() if k != "name"}
+    outputs = 1 if isinstance(dataset, SinusoidDataset) else dataset.ways
+    return build_model(model_cfg.name, input_shape(dataset), outputs, **options)
 
 
 def engine_for(model: nn.Module, algorithm: Algorithm, dataset: Any) -> Learn2LearnEngine:

@@ -71,7 +71,9 @@ def load(path: Path) -> dict[str, Any]:
     try:
         payload = torch.load(path, map_location="cpu", weights_only=False)
     except Exception as err:  # noqa: BLE001 - torch raises many types for a bad file
-        raise UserError(f"{path}: not a readable mamlrun checkpoint ({type(err).__name__})") from None
+        raise UserError(
+            f"{path}: not a readable mamlrun checkpoint ({type(err).__name__})"
+        ) from None
     if not isinstance(payload, dict) or "model" not in payload or "config" not in payload:
         raise UserError(f"{path}: not a mamlrun checkpoint (no model weights and config inside)")
     return payload
@@ -79,4 +81,6 @@ def load(path: Path) -> dict[str, Any]:
 
 def run_dir_of(checkpoint: Path) -> Path:
     """The run directory a checkpoint belongs to (the parent of `checkpoints/`)."""
-    return checkpoint.parent.parent if checkpoint.parent.name == CHECKPOINT_DIR else checkpoint.parent
+    return (
+        checkpoint.parent.parent if checkpoint.parent.name == CHECKPOINT_DIR else checkpoint.parent
+    )

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import sys
 import textwrap
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 
@@ -25,6 +26,8 @@ EXAMPLES = textwrap.dedent(
       $ mamlrun train resume=outputs/train/<run>        # continue an interrupted run
       $ mamlrun eval checkpoint=outputs/train/<run>     # 600 test tasks, mean and 95% CI
       $ mamlrun train --cfg job                         # print the composed config and exit
+      $ mamlrun data verify dataset=omniglot dataset.root=data/omniglot
+      $ mamlrun train dataset=omniglot                  # the paper's 5-way 1-shot Omniglot
     """
 )
 
@@ -62,10 +65,39 @@ def _eval(cfg):
     return run_eval(cfg)
 
 
-# name -> (one-line help, entry point taking no arguments; argv is already rewritten)
-COMMANDS: dict[str, tuple[str, Callable[[], None]]] = {
-    "train": ("meta-train a model, then evaluate it (Hydra app)", _hydra_command("train", _train)),
-    "eval": ("evaluate a checkpoint on test tasks (Hydra app)", _hydra_command("eval", _eval)),
+def _data(args: list[str]) -> None:
+    from mamlrun.data import run_data
+
+    try:
+        run_data(args)
+    except UserError as err:
+        print(f"mamlrun data: error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+def _with_argv(name: str, entry: Callable[[], None]) -> Callable[[list[str]], None]:
+    """Hydra parses sys.argv itself: hand it the arguments after the subcommand."""
+
+    def run(args: list[str]) -> None:
+        if name == "train":
+            args = args + _resume_overrides(args)
+        sys.argv = [f"mamlrun {name}", *args]
+        entry()
+
+    return run
+
+
+# name -> (one-line help, runner taking the arguments after the subcommand)
+COMMANDS: dict[str, tuple[str, Callable[[list[str]], None]]] = {
+    "train": (
+        "meta-train a model, then evaluate it (Hydra app)",
+        _with_argv("train", _hydra_command("train", _train)),
+    ),
+    "eval": (
+        "evaluate a checkpoint on test tasks (Hydra app)",
+        _with_argv("eval", _hydra_command("eval", _eval)),
+    ),
+    "data": ("prepare or verify a dataset: data {prepare,verify} dataset=omniglot", _data),
 }
 
 
@@ -80,7 +112,11 @@ def _resume_overrides(args: list[str]) -> list[str]:
     """`resume=<run dir or .pt>` continues inside that run's directory: point Hydra there, and keep
     the run's original `.hydra/` files instead of overwriting them with this command's."""
     resume = [a.split("=", 1)[1] for a in args if a.startswith("resume=")]
-    if not resume or resume[-1] in ("", "null") or any(a.startswith("hydra.run.dir=") for a in args):
+    if (
+        not resume
+        or resume[-1] in ("", "null")
+        or any(a.startswith("hydra.run.dir=") for a in args)
+    ):
         return []
     target = Path(resume[-1]).expanduser()
     if target.is_file():
@@ -90,20 +126,24 @@ def _resume_overrides(args: list[str]) -> list[str]:
     return [f"hydra.run.dir={target.resolve()}", "hydra.output_subdir=null"]
 
 
+def _one_line_warning(message, category, filename, lineno, line=None) -> str:
+    return f"mamlrun: warning: {message}\n"
+
+
 def main(argv: list[str] | None = None) -> None:
+    warnings.formatwarning = _one_line_warning  # users see the message, not our source lines
     args = list(sys.argv[1:] if argv is None else argv)
     if not args or args[0] in ("-h", "--help", "help"):
         print(usage())
         return
     command, rest = args[0], args[1:]
     if command not in COMMANDS:
-        print(f"mamlrun: error: unknown subcommand {command!r} (choose from {', '.join(COMMANDS)})",
-              file=sys.stderr)
+        print(
+            f"mamlrun: error: unknown subcommand {command!r} (choose from {', '.join(COMMANDS)})",
+            file=sys.stderr,
+        )
         raise SystemExit(2)
-    if command == "train":
-        rest += _resume_overrides(rest)
-    sys.argv = [f"mamlrun {command}", *rest]  # Hydra parses sys.argv itself
-    COMMANDS[command][1]()
+    COMMANDS[command][1](rest)
 
 
 if __name__ == "__main__":

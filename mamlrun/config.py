@@ -40,11 +40,67 @@ class SinusoidDataset:
 
 
 @dataclass
+class ImageDataset:
+    """Omniglot and miniImageNet: N-way K-shot classification on in-memory images."""
+
+    name: str = "omniglot"
+    root: str = "~/.cache/mamlrun/data"
+    download: bool = False
+    ways: int = 5
+    shots: int = 1
+    query_shots: int | None = None
+    test_query_shots: int | None = None
+    rotations: bool = True
+    split_seed: int = 1
+    image_size: int = 28
+
+    @property
+    def train_query_shots(self) -> int:
+        return self.shots if self.query_shots is None else self.query_shots
+
+    @property
+    def eval_query_shots(self) -> int:
+        return self.shots if self.test_query_shots is None else self.test_query_shots
+
+
+# Classes per split and images per class, known before any file is read, so impossible task
+# shapes fail before training starts (paper protocol; see mamlrun/datasets.py).
+SPLIT_CLASSES = {
+    "omniglot": {"train": 1100, "validation": 100, "test": 423},
+    "miniimagenet": {"train": 64, "validation": 16, "test": 20},
+}
+IMAGES_PER_CLASS = {"omniglot": 20, "miniimagenet": 600}
+IMAGE_SIZES = {"omniglot": 28, "miniimagenet": 84}
+
+
+@dataclass
 class MLPModel:
     name: str = "mlp"
     hidden: list[int] = field(default_factory=lambda: [40, 40])
     activation: str = "relu"
     init: str = "authors"
+    batch_norm: bool = False
+
+
+@dataclass
+class Conv4Model:
+    name: str = "conv4"
+    filters: int = 64
+    pooling: str = "stride"
+    head: str = "mean"
+    init: str = "authors"
+    head_init: str = "normal"
+
+
+@dataclass
+class TargetModel:
+    """Any `nn.Module` named by `_target_` (model-agnostic): its other keys are its arguments."""
+
+    spec: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def name(self) -> str:
+        return self.spec["_target_"]
 
 
 @dataclass
@@ -105,8 +161,12 @@ class EvalSettings:
     shots: list[int] | None = None
 
 
-DATASETS: dict[str, type] = {"sinusoid": SinusoidDataset}
-MODELS: dict[str, type] = {"mlp": MLPModel}
+DATASETS: dict[str, type] = {
+    "sinusoid": SinusoidDataset,
+    "omniglot": ImageDataset,
+    "miniimagenet": ImageDataset,
+}
+MODELS: dict[str, type] = {"mlp": MLPModel, "conv4": Conv4Model}
 ALGORITHMS: dict[str, type] = {"maml": Algorithm, "fomaml": Algorithm}
 HARDWARE: dict[str, type] = {"cpu": Hardware, "cuda": Hardware}
 LOGGERS: dict[str, type] = {"wandb": WandbLogger, "none": NoLogger}
@@ -182,10 +242,17 @@ def validate(cfg: DictConfig, primary: str = "train") -> dict[str, Any]:
         node = cfg.get(group)
         if node is None:
             raise ConfigError(f"{group}: missing; choose one of {sorted(GROUPS[group])}")
+        if group == "model" and isinstance(node, DictConfig) and "_target_" in node:
+            spec = OmegaConf.to_container(node, resolve=True)
+            spec.pop("name", None)
+            typed[group] = TargetModel(spec=spec)
+            continue
         name = node.get("name") if isinstance(node, DictConfig) else None
         registry = GROUPS[group]
         if name not in registry:
-            raise ConfigError(f"{group}.name: unknown {group} {name!r} (choices: {sorted(registry)})")
+            raise ConfigError(
+                f"{group}.name: unknown {group} {name!r} (choices: {sorted(registry)})"
+            )
         typed[group] = _typed(group, node, registry[name])
     for key, kind in TOP_LEVEL[primary].items():
         if isinstance(kind, type) and hasattr(kind, "__dataclass_fields__"):
@@ -210,7 +277,9 @@ def _check_values(typed: dict[str, Any]) -> None:
     """Value checks the types alone cannot express."""
     algorithm = typed.get("algorithm")
     if algorithm is not None:
-        _check(algorithm.inner_lr >= 0, "algorithm.inner_lr", f"must be >= 0, got {algorithm.inner_lr}")
+        _check(
+            algorithm.inner_lr >= 0, "algorithm.inner_lr", f"must be >= 0, got {algorithm.inner_lr}"
+        )
         _check(algorithm.meta_lr > 0, "algorithm.meta_lr", f"must be > 0, got {algorithm.meta_lr}")
         for key in ("inner_steps", "test_inner_steps"):
             value = getattr(algorithm, key)
@@ -229,30 +298,55 @@ def _check_values(typed: dict[str, Any]) -> None:
         _check_range("dataset.phase", dataset.phase)
         _check_range("dataset.x_range", dataset.x_range)
         _check(dataset.shots >= 1, "dataset.shots", f"must be >= 1, got {dataset.shots}")
-        _check(dataset.query_shots >= 1, "dataset.query_shots", f"must be >= 1, got {dataset.query_shots}")
+        _check(
+            dataset.query_shots >= 1,
+            "dataset.query_shots",
+            f"must be >= 1, got {dataset.query_shots}",
+        )
         _check(
             len(dataset.eval_shots) > 0 and min(dataset.eval_shots) >= 1,
             "dataset.eval_shots",
             f"must be a non-empty list of K >= 1, got {dataset.eval_shots}",
         )
         _check(dataset.eval_query_points >= 1, "dataset.eval_query_points", "must be >= 1")
-    for ways_key in ("ways",):
-        ways = getattr(dataset, ways_key, None)
-        if ways is not None:
-            _check(ways >= 2, f"dataset.{ways_key}", f"must be >= 2 (a task needs two classes), got {ways}")
+    if isinstance(dataset, ImageDataset):
+        _check_image_dataset(dataset)
     model = typed.get("model")
+    if isinstance(model, Conv4Model):
+        _check(model.filters >= 1, "model.filters", f"must be >= 1, got {model.filters}")
+        _check(model.pooling in ("stride", "max"), "model.pooling", "choose stride or max")
+        _check(model.head in ("mean", "flatten"), "model.head", "choose mean or flatten")
+        _check(model.init in ("authors", "torch"), "model.init", "choose authors or torch")
+        _check(
+            model.head_init in ("normal", "xavier"), "model.head_init", "choose normal or xavier"
+        )
+    if dataset is not None and model is not None:
+        _check(
+            not (isinstance(dataset, SinusoidDataset) and isinstance(model, Conv4Model)),
+            "model",
+            f"model {model.name!r} needs an image dataset; for sinusoid use model=mlp",
+        )
+
     if isinstance(model, MLPModel):
-        _check(all(h >= 1 for h in model.hidden), "model.hidden", f"sizes must be >= 1, got {model.hidden}")
+        _check(
+            all(h >= 1 for h in model.hidden),
+            "model.hidden",
+            f"sizes must be >= 1, got {model.hidden}",
+        )
         _check(model.activation in ("relu", "tanh"), "model.activation", "choose relu or tanh")
         _check(model.init in ("authors", "torch"), "model.init", "choose authors or torch")
     train = typed.get("train")
     if isinstance(train, TrainLoop):
         _check(train.iterations >= 0, "train.iterations", f"must be >= 0, got {train.iterations}")
         for key in ("log_every", "val_every", "val_tasks", "checkpoint_every"):
-            _check(getattr(train, key) >= 1, f"train.{key}", f"must be >= 1, got {getattr(train, key)}")
+            _check(
+                getattr(train, key) >= 1, f"train.{key}", f"must be >= 1, got {getattr(train, key)}"
+            )
     evaluation = typed.get("eval")
     if isinstance(evaluation, EvalSettings):
-        _check(evaluation.tasks >= 2, "eval.tasks", f"must be >= 2 for a CI, got {evaluation.tasks}")
+        _check(
+            evaluation.tasks >= 2, "eval.tasks", f"must be >= 2 for a CI, got {evaluation.tasks}"
+        )
         _check(evaluation.plot_tasks >= 0, "eval.plot_tasks", "must be >= 0")
         if evaluation.inner_steps is not None:
             _check(evaluation.inner_steps >= 0, "eval.inner_steps", "must be >= 0 or null")
@@ -274,10 +368,48 @@ def _check_values(typed: dict[str, Any]) -> None:
         )
 
 
+def _check_image_dataset(dataset: ImageDataset) -> None:
+    """Task shapes the dataset's splits can serve, checked before any file is read."""
+    name = dataset.name
+    _check(
+        dataset.ways >= 2,
+        "dataset.ways",
+        f"must be >= 2 (a task needs two classes), got {dataset.ways}",
+    )
+    _check(dataset.shots >= 1, "dataset.shots", f"must be >= 1, got {dataset.shots}")
+    for key in ("query_shots", "test_query_shots"):
+        value = getattr(dataset, key)
+        _check(value is None or value >= 1, f"dataset.{key}", f"must be >= 1 or null, got {value}")
+    _check(
+        dataset.image_size == IMAGE_SIZES[name],
+        "dataset.image_size",
+        f"{name} images are {IMAGE_SIZES[name]}x{IMAGE_SIZES[name]} (the paper's size)",
+    )
+    for split, classes in SPLIT_CLASSES[name].items():
+        _check(
+            dataset.ways <= classes,
+            "dataset.ways",
+            f"{dataset.ways} ways but the {name} {split} split has only {classes} classes",
+        )
+    per_class = IMAGES_PER_CLASS[name]
+    for key, queries in (
+        ("query_shots", dataset.train_query_shots),
+        ("test_query_shots", dataset.eval_query_shots),
+    ):
+        _check(
+            dataset.shots + queries <= per_class,
+            f"dataset.{key}",
+            f"dataset.shots + dataset.{key} = {dataset.shots + queries} but {name} has only "
+            f"{per_class} images per class",
+        )
+
+
 def _check_optimizer(spec: dict[str, Any]) -> None:
     """Resolve the optimizer's `_target_` and bind its arguments without building it."""
     target = spec.get("_target_")
-    _check(isinstance(target, str), "algorithm.meta_optimizer._target_", "must name a torch optimizer")
+    _check(
+        isinstance(target, str), "algorithm.meta_optimizer._target_", "must name a torch optimizer"
+    )
     try:
         optimizer_class = hydra.utils.get_class(target)
     except Exception:  # noqa: BLE001 - Hydra raises several types; all mean "cannot import"

@@ -1,4 +1,4 @@
-"""The meta-learning engine: adapt a model to tasks and compute MAML / first-order MAML meta-gradients.
+"""The meta-learning engine: adapt a model to tasks, compute (first-order) MAML meta-gradients.
 
 `Learn2LearnEngine` is the reference implementation, written the way learn2learn's own MAML
 examples are: for each task of the meta-batch, `clone()` the meta-learner, `adapt()` on the support
@@ -63,7 +63,9 @@ class Learn2LearnEngine:
     ) -> None:
         self.model = model
         self.maml = l2l.algorithms.MAML(model, lr=inner_lr, first_order=first_order)
-        self.loss_fn, self.metric_name, self.metric_fn, self.higher_is_better = TASK_TYPES[task_type]
+        self.loss_fn, self.metric_name, self.metric_fn, self.higher_is_better = TASK_TYPES[
+            task_type
+        ]
         self.task_type = task_type
 
     def _adapt(self, support_x, support_y, steps: int, first_order: bool | None = None):
@@ -117,7 +119,7 @@ class Learn2LearnEngine:
     def predictions(
         self, support_x: torch.Tensor, support_y: torch.Tensor, x: torch.Tensor, steps: list[int]
     ) -> dict[int, torch.Tensor]:
-        """Outputs on `x` of the model adapted to one task's support set for each count in `steps`."""
+        """Outputs on `x` of the model adapted to one task's support set after each of `steps`."""
         outputs: dict[int, torch.Tensor] = {}
         learner = self.maml.clone()
         for step in range(max(steps) + 1):

@@ -58,7 +58,7 @@ def evaluate(
     settings: EvalSettings,
     device: torch.device,
 ) -> dict[str, Any]:
-    """Evaluate `engine.model` on `settings.tasks` test tasks for each K; returns eval.json's dict."""
+    """Evaluate `engine.model` on `settings.tasks` test tasks per K; returns eval.json's dict."""
     dataset, algorithm = typed["dataset"], typed["algorithm"]
     steps = algorithm.test_inner_steps if settings.inner_steps is None else settings.inner_steps
     results: dict[str, Any] = {}
@@ -66,7 +66,7 @@ def evaluate(
     for shots in builders.eval_shots(dataset, settings.shots):
         sampler = builders.task_sampler(dataset, "test", seed=settings.seed, shots=shots)
         curves = adaptation_curves(engine, sampler, settings.tasks, steps, device)
-        results[f"K={shots}"] = {
+        results[builders.setting_label(dataset, shots)] = {
             "shots": shots,
             engine.metric_name: summarize(curves[engine.metric_name]),
             "loss": summarize(curves["loss"]),
@@ -90,7 +90,7 @@ def headline(report: dict[str, Any]) -> dict[str, float]:
     flat: dict[str, float] = {}
     metric = report["metric"]
     for label, result in report["results"].items():
-        key = label.replace("=", "")
+        key = label.replace("=", "").replace(" ", "_")
         for step, (mean, ci) in enumerate(
             zip(result[metric]["mean"], result[metric]["ci95"], strict=True)
         ):
@@ -105,12 +105,19 @@ def report_steps(inner_steps: int) -> list[int]:
 
 
 def table_rows(report: dict[str, Any]) -> tuple[list[str], list[list[Any]]]:
+    """Rows of mean ± 95% CI per setting; accuracy in percent, as the paper's tables."""
     metric, steps = report["metric"], report_steps(report["inner_steps"])
-    columns = ["setting"] + [f"{metric} after {s} step{'s' * (s != 1)}" for s in steps]
+    percent = metric == "acc"
+    name = "acc %" if percent else metric
+    columns = ["setting"] + [f"{name} after {s} step{'s' * (s != 1)}" for s in steps]
     rows = []
     for label, result in report["results"].items():
         stats = result[metric]
-        rows.append([label] + [f"{stats['mean'][s]:.3f} ± {stats['ci95'][s]:.3f}" for s in steps])
+        if percent:
+            cells = [f"{100 * stats['mean'][s]:.2f} ± {100 * stats['ci95'][s]:.2f}" for s in steps]
+        else:
+            cells = [f"{stats['mean'][s]:.3f} ± {stats['ci95'][s]:.3f}" for s in steps]
+        rows.append([label, *cells])
     return columns, rows
 
 
@@ -126,12 +133,14 @@ def write_report(
     """Write eval.json and the evaluation plots, print the table, send both to the tracker."""
     (run_dir / EVAL_FILE).write_text(json.dumps(report, indent=2) + "\n")
     columns, rows = table_rows(report)
-    title = f"Test: {report['tasks']} tasks, mean ± 95% CI ({report['dataset']}, {report['algorithm']})"
+    title = (
+        f"Test: {report['tasks']} tasks, mean ± 95% CI ({report['dataset']}, {report['algorithm']})"
+    )
     console.print_table(title, columns, rows)
     tracker.log(headline(report), step=step)
-    tracker.log_table("test/table", columns, rows)
+    tracker.log_table("test/table", columns, rows, step=step)
     images = plots.evaluation_plots(report, run_dir, engine, typed, device)
-    tracker.log_images(images)
+    tracker.log_images(images, step=step)
     return images
 
 

@@ -16,8 +16,10 @@ METRICS_FILE = "metrics.jsonl"
 
 class Tracker(Protocol):
     def log(self, row: dict[str, Any], step: int) -> None: ...
-    def log_images(self, paths: list[Path]) -> None: ...
-    def log_table(self, name: str, columns: list[str], rows: list[list[Any]]) -> None: ...
+    def log_images(self, paths: list[Path], step: int) -> None: ...
+    def log_table(
+        self, name: str, columns: list[str], rows: list[list[Any]], step: int
+    ) -> None: ...
     def finish(self, exit_code: int = 0) -> None: ...
 
 
@@ -27,10 +29,10 @@ class NullTracker:
     def log(self, row: dict[str, Any], step: int) -> None:
         pass
 
-    def log_images(self, paths: list[Path]) -> None:
+    def log_images(self, paths: list[Path], step: int) -> None:
         pass
 
-    def log_table(self, name: str, columns: list[str], rows: list[list[Any]]) -> None:
+    def log_table(self, name: str, columns: list[str], rows: list[list[Any]], step: int) -> None:
         pass
 
     def finish(self, exit_code: int = 0) -> None:
@@ -79,11 +81,12 @@ class WandbTracker:
     def log(self, row: dict[str, Any], step: int) -> None:
         self.run.log(row, step=step)
 
-    def log_images(self, paths: list[Path]) -> None:
-        self.run.log({f"plots/{p.stem}": self._wandb.Image(str(p)) for p in paths})
+    # Every call passes an explicit step: wandb drops rows whose step is below its current one.
+    def log_images(self, paths: list[Path], step: int) -> None:
+        self.run.log({f"plots/{p.stem}": self._wandb.Image(str(p)) for p in paths}, step=step)
 
-    def log_table(self, name: str, columns: list[str], rows: list[list[Any]]) -> None:
-        self.run.log({name: self._wandb.Table(columns=columns, data=rows)})
+    def log_table(self, name: str, columns: list[str], rows: list[list[Any]], step: int) -> None:
+        self.run.log({name: self._wandb.Table(columns=columns, data=rows)}, step=step)
         for row in rows:
             self.run.summary[f"{name}/{row[0]}"] = row[1:]
 
@@ -159,7 +162,11 @@ def read_wandb_offline(run_file: Path) -> dict[str, Any]:
             updates = record.run.config.update if kind == "run" else record.config.update
             run["config"].update({item_key(i): json.loads(i.value_json) for i in updates})
         elif kind == "history":
-            run["history"].append({item_key(i): json.loads(i.value_json) for i in record.history.item})
+            run["history"].append(
+                {item_key(i): json.loads(i.value_json) for i in record.history.item}
+            )
         elif kind == "summary":
-            run["summary"].update({item_key(i): json.loads(i.value_json) for i in record.summary.update})
+            run["summary"].update(
+                {item_key(i): json.loads(i.value_json) for i in record.summary.update}
+            )
     return run

@@ -30,11 +30,15 @@ def learning_curves(rows: list[dict[str, Any]], run_dir: Path, metric: str) -> P
     if train and all(r["loss_post"] > 0 for r in train):
         ax_train.set_yscale("log")
     if val:
-        steps = sorted({int(k.rsplit("step", 1)[1]) for k in val[0] if k.startswith(f"{metric}_step")})
+        steps = sorted(
+            {int(k.rsplit("step", 1)[1]) for k in val[0] if k.startswith(f"{metric}_step")}
+        )
         for step in (steps[0], 1, steps[-1]):
             if step in steps:
                 key = f"{metric}_step{step}"
-                ax_val.plot([r["iteration"] for r in val], [r[key] for r in val], label=f"{step} steps")
+                ax_val.plot(
+                    [r["iteration"] for r in val], [r[key] for r in val], label=f"{step} steps"
+                )
         ax_val.set(xlabel="iteration", ylabel=f"validation {metric}", title="validation")
     for ax in (ax_train, ax_val):
         if ax.has_data():
@@ -81,8 +85,14 @@ def sinusoid_fits(
             support_x, support_y = (t[col].to(device) for t in (batch.support_x, batch.support_y))
             truth = batch.amplitude[col] * torch.sin(grid.cpu() - batch.phase[col])
             ax.plot(grid.cpu(), truth, color="red", label="ground truth")
-            ax.scatter(support_x.cpu(), support_y.cpu(), marker="^", color="purple", zorder=3,
-                       label="used for grad")
+            ax.scatter(
+                support_x.cpu(),
+                support_y.cpu(),
+                marker="^",
+                color="purple",
+                zorder=3,
+                label="used for grad",
+            )
             outputs = engine.predictions(support_x, support_y, grid, list(FIT_STEPS))
             styles = {0: ":", 1: "--", 10: "-"}
             for step, prediction in outputs.items():
@@ -105,6 +115,8 @@ def evaluation_plots(
     settings = typed["eval"]
     if isinstance(typed["dataset"], SinusoidDataset) and settings.plot_tasks > 0:
         paths.append(
-            sinusoid_fits(engine, typed["dataset"], settings.seed, settings.plot_tasks, run_dir, device)
+            sinusoid_fits(
+                engine, typed["dataset"], settings.seed, settings.plot_tasks, run_dir, device
+            )
         )
     return paths

@@ -41,30 +41,42 @@ def make_tracker(
     if job is not None and HydraConfig.get().mode.name == "MULTIRUN":
         name = f"{name}-job{job}"
     return WandbTracker(
-        run_dir, config, logger.mode, logger.project, name, group, logger.entity, logger.tags,
+        run_dir,
+        config,
+        logger.mode,
+        logger.project,
+        name,
+        group,
+        logger.entity,
+        logger.tags,
         resume_id=resume_id,
     )
 
 
 def _resumed_config(cfg: DictConfig, checkpoint_config: dict[str, Any]) -> DictConfig:
-    """The checkpoint's config, with only the run-control sections taken from this command.
+    """The checkpoint's config, updated only by what this command line overrides explicitly.
+
+    Run control (`train.*`, `eval.*`, `hardware`, `logger`, `print_config`) may change on resume,
+    for example `train.iterations` to train longer.
 
     Raises:
         ConfigError: when the command line overrides what defines the run (dataset, model,
             algorithm, seed): that is a new run, not a continuation.
     """
+    merged = OmegaConf.create(checkpoint_config)
     overrides = HydraConfig.get().overrides.task if HydraConfig.initialized() else []
     for override in overrides:
-        key = override.lstrip("+~").split("=", 1)[0].split(".", 1)[0]
-        if key not in RESUMABLE_SECTIONS and not key.startswith("hydra"):
+        path = override.lstrip("+~").split("=", 1)[0]
+        section = path.split(".", 1)[0]
+        if section.startswith("hydra"):
+            continue
+        if section not in RESUMABLE_SECTIONS:
             raise ConfigError(
-                f"{override}: resume= continues a run with its own {key}; drop this override "
+                f"{override}: resume= continues a run with its own {section}; drop this override "
                 "or start a new run"
             )
-    merged = OmegaConf.create(checkpoint_config)
-    for key in RESUMABLE_SECTIONS:
-        if key in cfg:
-            merged[key] = cfg[key]
+        OmegaConf.update(merged, path, OmegaConf.select(cfg, path), merge=False)
+    merged["resume"] = cfg["resume"]
     return merged
 
 
@@ -147,7 +159,9 @@ def run_train(cfg: DictConfig) -> float:
     try:
         bar = console.progress()
         with bar:
-            task = bar.add_task("train", total=loop.iterations, completed=start, speed="", losses="")
+            task = bar.add_task(
+                "train", total=loop.iterations, completed=start, speed="", losses=""
+            )
             for iteration in range(start + 1, loop.iterations + 1):
                 batch = train_tasks.sample(algorithm.meta_batch_size).to(device)
                 optimizer.zero_grad(set_to_none=True)
@@ -162,14 +176,17 @@ def run_train(cfg: DictConfig) -> float:
                     if metric == "mse":  # the metric is the loss: do not log it twice
                         means = {k: v for k, v in means.items() if not k.startswith("metric")}
                     means = {k.replace("metric", metric): v for k, v in means.items()}
-                    tracker.log(prefixed("train", metrics.write(iteration, "train", means)), iteration)
+                    tracker.log(
+                        prefixed("train", metrics.write(iteration, "train", means)), iteration
+                    )
                     window = []
                     rate = (iteration - start) / (time.perf_counter() - started)
-                    bar.update(
-                        task,
-                        speed=f"{rate:.1f} it/s",
-                        losses=f"loss {means['loss_pre']:.3f} → {means['loss_post']:.3f}",
-                    )
+                    losses = f"loss {means['loss_pre']:.4f} → {means['loss_post']:.4f}"
+                    bar.update(task, speed=f"{rate:.1f} it/s", losses=losses)
+                    if not console.console.is_terminal:  # logs and pipes get a plain line
+                        console.info(
+                            f"iteration {iteration}/{loop.iterations} {rate:.1f} it/s {losses}"
+                        )
                 if iteration % loop.val_every == 0 or last:
                     val = _validation(engine, val_batch, algorithm.test_inner_steps)
                     tracker.log(prefixed("val", metrics.write(iteration, "val", val)), iteration)
@@ -182,17 +199,26 @@ def run_train(cfg: DictConfig) -> float:
                 bar.update(task, completed=iteration)
         seconds = time.perf_counter() - started
         rows = read_metrics(metrics.path)
-        tracker.log_images([plots.learning_curves(rows, run_dir, metric)])
+        tracker.log_images([plots.learning_curves(rows, run_dir, metric)], step=loop.iterations)
         summary = [
             ["iterations", f"{loop.iterations:,} ({loop.iterations - start:,} this session)"],
-            ["wall time", f"{seconds:.1f} s ({(loop.iterations - start) / max(seconds, 1e-9):.1f} it/s)"],
+            [
+                "wall time",
+                f"{seconds:.1f} s ({(loop.iterations - start) / max(seconds, 1e-9):.1f} it/s)",
+            ],
         ]
         if best is not None:
-            summary.append([f"best val {metric}", f"{best['value']:.4f} (iteration {best['iteration']})"])
+            summary.append(
+                [f"best val {metric}", f"{best['value']:.4f} (iteration {best['iteration']})"]
+            )
         train_rows = [r for r in rows if r["split"] == "train"]
         if train_rows:
-            summary.append(["final train loss", f"{train_rows[-1]['loss_pre']:.4f} → "
-                                                f"{train_rows[-1]['loss_post']:.4f}"])
+            summary.append(
+                [
+                    "final train loss",
+                    f"{train_rows[-1]['loss_pre']:.4f} → {train_rows[-1]['loss_post']:.4f}",
+                ]
+            )
         console.print_table(f"Training summary: {run_dir}", ["", "value"], summary)
         if loop.eval_at_end:
             best_path = run_dir / checkpoints.CHECKPOINT_DIR / "best.pt"

@@ -13,7 +13,6 @@ from mamlrun.engine import Learn2LearnEngine
 from mamlrun.tasks import TaskBatch
 
 
-
 @pytest.fixture(autouse=True)
 def float64():
     """Exact comparisons need double precision; restore the default afterwards."""

@@ -1,0 +1,228 @@
+"""N-way K-shot classification tasks from an in-memory image tensor, sampled with learn2learn.
+
+A task picks `ways` classes of a split and `shots + query_shots` images of each; per class, the
+first `shots` (after learn2learn's random draw) form the support set and the rest the query set,
+so both sets hold disjoint images of the same classes, labelled 0..ways-1 per task. With
+`rotations` (Omniglot), each class of a task is rotated by its own multiple of 90 degrees, which
+the paper uses to augment the classes (learn2learn 0.2.0's `RandomClassRotation` instead gives
+every class of a task the same angle).
+
+learn2learn's transforms draw from Python's global `random` module. The sampler keeps its own
+`random.Random` and swaps its state into the module only while it draws, so tasks depend on the
+sampler's seed alone, the run's global seeding is left untouched, and `state_dict()` resumes the
+exact sequence.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import io
+import random
+from collections.abc import Iterator, Sequence
+
+import torch
+from torch.utils.data import Dataset
+
+from mamlrun.errors import UserError
+from mamlrun.tasks import TaskBatch
+
+with contextlib.redirect_stderr(io.StringIO()):  # learn2learn imports gym, which prints a notice
+    import learn2learn as l2l
+from learn2learn.data.transforms import KShots, LoadData, NWays, RemapLabels
+
+
+@contextlib.contextmanager
+def _global_random(rng: random.Random) -> Iterator[None]:
+    """Make the `random` module draw from `rng`'s state, then hand the state back to `rng`."""
+    saved = random.getstate()
+    random.setstate(rng.getstate())
+    try:
+        yield
+    finally:
+        rng.setstate(random.getstate())
+        random.setstate(saved)
+
+
+class _SplitImages(Dataset):
+    """The split's images, flat-indexed (class-major) so learn2learn can address each one.
+
+    Item `i` is (image, class, class) with `class` the position in the split: RemapLabels rewrites
+    the second entry to the task label, the third survives so a batch can report its classes.
+    The full tensor is indexed in place, so a split costs no copy.
+    """
+
+    def __init__(self, images: torch.Tensor, classes: list[int]) -> None:
+        self.images, self.classes, self.per_class = images, classes, images.shape[1]
+
+    def __len__(self) -> int:
+        return len(self.classes) * self.per_class
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int, int]:
+        label, position = divmod(index, self.per_class)
+        return self.images[self.classes[label], position], label, label
+
+
+def _with_turns(data: list, quarter_turns: int) -> list:
+    return [*data, quarter_turns]
+
+
+class ClassRotations:
+    """learn2learn task transform: give each class of a task its own multiple of 90 degrees.
+
+    Angles are drawn when the task description is built (not when its data is loaded), so a
+    task kept in a fixed pool keeps its angles. Each loaded item gains its number of quarter
+    turns as a last entry; `ClassificationTasks.sample` then rotates whole batches at once,
+    which is much faster than one `rot90` per image.
+    """
+
+    def __init__(self, dataset: l2l.data.MetaDataset) -> None:
+        self.dataset = dataset
+
+    def __call__(self, description: list) -> list:
+        labels = [self.dataset.indices_to_labels[dd.index] for dd in description]
+        turns = {label: random.randrange(4) for label in dict.fromkeys(labels)}
+        for dd, label in zip(description, labels, strict=True):
+            dd.transforms.append(functools.partial(_with_turns, quarter_turns=turns[label]))
+        return description
+
+
+class ClassificationTasks:
+    """Sample N-way K-shot tasks from the classes of one split.
+
+    Args:
+        images: uint8 [all classes, images per class, C, H, W] or [..., H, W] (one channel).
+        classes: indices (into dim 0 of `images`) of this split's classes.
+        ways: classes per task (N).
+        shots: support images per class (K).
+        query_shots: query images per class.
+        rotations: rotate each class of a task by a random multiple of 90 degrees (Omniglot).
+        seed: seeds this sampler's own random state.
+        num_tasks: -1 draws a new task every time; n > 0 draws from a fixed pool of n tasks,
+            task i of the pool depending only on (seed, i).
+        split: split name for error messages ("train", "test", ...).
+
+    Example:
+        >>> tasks = ClassificationTasks(data.images, splits["train"], ways=5, shots=1,
+        ...                             query_shots=1, rotations=True, seed=0)
+        >>> batch = tasks.sample(32)  # batch.support_x: float32 [32, 5, 1, 28, 28]
+
+    Raises:
+        UserError: the split has fewer than `ways` classes, or a class fewer than
+            `shots + query_shots` images.
+    """
+
+    task_type = "classification"
+
+    def __init__(
+        self,
+        images: torch.Tensor,
+        classes: torch.Tensor | Sequence[int],
+        ways: int,
+        shots: int,
+        query_shots: int,
+        rotations: bool = False,
+        seed: int = 0,
+        num_tasks: int = -1,
+        split: str | None = None,
+    ) -> None:
+        if images.dim() == 4:
+            images = images.unsqueeze(2)
+        if images.dim() != 5 or images.dtype != torch.uint8:
+            raise ValueError(
+                f"images must be uint8 [classes, images, (C,) H, W], got "
+                f"{images.dtype} {list(images.shape)}"
+            )
+        classes = torch.as_tensor(classes, dtype=torch.long).tolist()
+        if any(not 0 <= c < len(images) for c in classes):
+            raise ValueError(f"class indices must lie in [0, {len(images)})")
+        the_split = f"the {split} split" if split else "the split"
+        for key, value in (("ways", ways), ("shots", shots), ("query_shots", query_shots)):
+            if value < 1:
+                raise UserError(f"dataset.{key}={value}: must be at least 1")
+        if ways > len(classes):
+            raise UserError(f"dataset.ways={ways} but {the_split} has {len(classes)} classes")
+        if shots + query_shots > images.shape[1]:
+            raise UserError(
+                f"dataset.shots + dataset.query_shots = {shots + query_shots} > "
+                f"{images.shape[1]} images per class"
+            )
+        if num_tasks < 1 and num_tasks != -1:
+            raise UserError(f"dataset.num_tasks={num_tasks}: must be -1 (unlimited) or positive")
+
+        self.ways, self.shots, self.query_shots = ways, shots, query_shots
+        self.rotations, self.seed, self.num_tasks = rotations, seed, num_tasks
+        self.input_shape = tuple(images.shape[2:])
+        self.classes = torch.tensor(classes)
+        per_class = images.shape[1]
+        dataset = l2l.data.MetaDataset(
+            _SplitImages(images, classes),
+            labels_to_indices={
+                label: list(range(label * per_class, (label + 1) * per_class))
+                for label in range(len(classes))
+            },
+        )
+        transforms = [
+            NWays(dataset, n=ways),
+            KShots(dataset, k=shots + query_shots),
+            LoadData(dataset),
+            RemapLabels(dataset),
+        ]
+        if rotations:
+            transforms.append(ClassRotations(dataset))
+        self.taskset = l2l.data.Taskset(dataset, task_transforms=transforms, num_tasks=num_tasks)
+        self._rng = random.Random(seed)
+        self._pool: dict[int, list] = {}
+
+    def _description(self) -> list:
+        """A task description: a fresh one, or one of the fixed pool (built on first use)."""
+        if self.num_tasks == -1:
+            return self.taskset.sample_task_description()
+        index = random.randrange(self.num_tasks)
+        if index not in self._pool:
+            with _global_random(random.Random(f"{self.seed}:{index}")):
+                self._pool[index] = self.taskset.sample_task_description()
+        return self._pool[index]
+
+    def sample(self, num_tasks: int) -> TaskBatch:
+        """Draw `num_tasks` tasks.
+
+        Returns:
+            TaskBatch with support_x float32 [num_tasks, ways * shots, C, H, W] in [0, 1],
+            support_y int64 [num_tasks, ways * shots], query_x / query_y likewise with
+            `query_shots`; examples are grouped by label (label 0 first). Also attributes
+            `classes` [num_tasks, ways] (the class index behind each label) and, with rotations,
+            `quarter_turns` [num_tasks, ways] (each label's rotation, in multiples of 90 degrees).
+        """
+        with _global_random(self._rng):
+            tasks = [self.taskset.get_task(self._description()) for _ in range(num_tasks)]
+        columns = [torch.stack(column) for column in zip(*tasks, strict=True)]
+        # order each task's examples by label, keeping learn2learn's random order within a class
+        order = torch.argsort(columns[1], dim=1, stable=True)
+        rows = torch.arange(num_tasks)[:, None]
+        k = self.shots + self.query_shots
+        x, y, local_class, *turns = (
+            c[rows, order].view(num_tasks, self.ways, k, *c.shape[2:]) for c in columns
+        )
+        if turns:
+            for quarter_turns in range(1, 4):
+                rotate = turns[0] == quarter_turns
+                x[rotate] = torch.rot90(x[rotate], quarter_turns, dims=(-2, -1))
+        x = x.float().div_(255)
+
+        def part(t: torch.Tensor, s: slice) -> torch.Tensor:
+            return t[:, :, s].reshape(num_tasks, -1, *t.shape[3:])
+
+        support, query = slice(0, self.shots), slice(self.shots, k)
+        batch = TaskBatch(part(x, support), part(y, support), part(x, query), part(y, query))
+        batch.classes = self.classes[local_class[:, :, 0]]
+        if turns:
+            batch.quarter_turns = turns[0][:, :, 0]
+        return batch
+
+    def state_dict(self) -> dict:
+        return {"random": self._rng.getstate()}
+
+    def load_state_dict(self, state: dict) -> None:
+        version, internal, gauss = state["random"]  # a tuple again if it went through lists
+        self._rng.setstate((version, tuple(internal), gauss))

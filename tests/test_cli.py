@@ -1,0 +1,46 @@
+"""The console script as users meet it: help, Hydra flags, and errors that are one readable line."""
+
+import pytest
+
+from conftest import QUICK, run_mamlrun
+
+
+def test_help_lists_subcommands(tmp_path):
+    out = run_mamlrun("--help", cwd=tmp_path).stdout
+    assert "train" in out and "eval" in out and "examples:" in out
+
+
+def test_unknown_subcommand_exits_2(tmp_path):
+    result = run_mamlrun("trian", cwd=tmp_path, expect_ok=False)
+    assert result.returncode == 2
+    assert "unknown subcommand 'trian'" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_hydra_flags_work_after_the_subcommand(tmp_path):
+    job = run_mamlrun("train", "--cfg", "job", "algorithm=fomaml", cwd=tmp_path).stdout
+    assert "first_order: true" in job and "inner_lr: 0.01" in job
+    help_text = run_mamlrun("train", "--help", cwd=tmp_path).stdout
+    assert "mamlrun train" in help_text and "Configuration groups" in help_text
+    assert "pkg://mamlrun.conf" in run_mamlrun("train", "--info", cwd=tmp_path).stdout
+    assert not (tmp_path / "outputs").exists(), "--cfg/--help/--info must not start a run"
+
+
+@pytest.mark.parametrize(
+    ("args", "needle"),
+    [
+        (["train", "dataset=omniglott"], "dataset/omniglott"),
+        (["train", "sed=3"], "sed"),
+        (["train", "algorithm.inner_lr=-1"], "algorithm.inner_lr: must be >= 0"),
+        (["train", "hardware=cuda"], "CUDA is not available"),
+        (["eval", "checkpoint=does/not/exist"], "does/not/exist: no such checkpoint"),
+        (["eval"], "checkpoint: required"),
+        (["train", "resume=nowhere"], "nowhere: no such checkpoint"),
+    ],
+)
+def test_bad_input_exits_nonzero_with_a_readable_message(tmp_path, args, needle):
+    quick = QUICK if args[0] == "train" else ["logger=none", "eval.tasks=10"]
+    result = run_mamlrun(*args, *quick, cwd=tmp_path, expect_ok=False)
+    assert result.returncode != 0
+    assert needle in result.stderr, result.stderr
+    assert "Traceback" not in result.stderr + result.stdout
+    assert not list(tmp_path.glob("outputs/*/*/checkpoints")), "no work may start on bad input"

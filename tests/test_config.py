@@ -1,0 +1,138 @@
+"""Config composition for every combination of group options, and one-line validation errors."""
+
+import itertools
+from importlib import resources
+
+import pytest
+from hydra import compose, initialize_config_module
+from hydra.core.global_hydra import GlobalHydra
+
+from mamlrun.config import ConfigError, validate
+
+GROUPS = ("dataset", "model", "algorithm", "hardware", "logger")
+
+
+def options(group: str) -> list[str]:
+    folder = resources.files("mamlrun.conf") / group
+    return sorted(
+        p.name.removesuffix(".yaml") for p in folder.iterdir() if p.name.endswith(".yaml")
+    )
+
+
+def compose_train(overrides: list[str], primary: str = "train"):
+    GlobalHydra.instance().clear()
+    with initialize_config_module(config_module="mamlrun.conf", version_base="1.3"):
+        return compose(primary, overrides=overrides)
+
+
+COMBINATIONS = list(itertools.product(*(options(g) for g in GROUPS)))
+
+
+def test_every_group_has_options():
+    assert {"maml", "fomaml"} <= set(options("algorithm"))
+    assert {"cpu", "cuda"} <= set(options("hardware")) and {"wandb", "none"} <= set(
+        options("logger")
+    )
+
+
+@pytest.mark.parametrize("choice", COMBINATIONS, ids=lambda c: "-".join(c))
+def test_every_combination_composes_and_validates(choice):
+    cfg = compose_train([f"{g}={o}" for g, o in zip(GROUPS, choice, strict=True)])
+    dataset, model = choice[0], choice[1]
+    if dataset == "sinusoid" and model.startswith("conv4"):
+        with pytest.raises(ConfigError, match="^model: .* needs an image dataset"):
+            validate(cfg)
+        return
+    typed = validate(cfg)
+    assert typed["algorithm"].first_order == (choice[2] == "fomaml")
+    assert typed["hardware"].device.startswith(choice[3])
+    assert typed["dataset"].name == dataset
+
+
+def test_default_is_the_papers_sinusoid_setting():
+    typed = validate(compose_train([]))
+    assert typed["dataset"].name == "sinusoid" and typed["dataset"].shots == 10
+    assert typed["model"].hidden == [40, 40] and typed["model"].activation == "relu"
+    algorithm = typed["algorithm"]
+    assert (algorithm.inner_lr, algorithm.inner_steps, algorithm.meta_batch_size) == (0.01, 1, 25)
+    assert algorithm.meta_lr == 0.001 and not algorithm.first_order
+    assert typed["train"].iterations == 70000 and typed["logger"].mode == "offline"
+
+
+@pytest.mark.parametrize(
+    ("override", "key"),
+    [
+        ("algorithm.inner_lr=-0.1", "algorithm.inner_lr"),
+        ("algorithm.meta_lr=-1", "algorithm.meta_lr"),
+        ("algorithm.inner_steps=-1", "algorithm.inner_steps"),
+        ("algorithm.test_inner_steps=-2", "algorithm.test_inner_steps"),
+        ("algorithm.meta_batch_size=0", "algorithm.meta_batch_size"),
+        ("algorithm.grad_clip=-1", "algorithm.grad_clip"),
+        ("dataset.shots=0", "dataset.shots"),
+        ("dataset.query_shots=0", "dataset.query_shots"),
+        ("dataset.amplitude=[5,1]", "dataset.amplitude"),
+        ("train.iterations=abc", "train.iterations"),
+        ("train.log_every=0", "train.log_every"),
+        ("eval.tasks=1", "eval.tasks"),
+        ("seed=abc", "seed"),
+        ("logger.mode=sometimes", "logger.mode"),
+        ("+algorithm.inner_lr_typo=1", "algorithm.inner_lr_typo"),
+        ("+sed=3", "sed"),
+        ("algorithm.meta_optimizer._target_=torch.optim.Nope", "algorithm.meta_optimizer._target_"),
+        ("+algorithm.meta_optimizer.betaz=1", "algorithm.meta_optimizer"),
+        ("dataset=omniglot dataset.ways=1", "dataset.ways"),
+        ("dataset=omniglot dataset.ways=200", "dataset.ways"),
+        ("dataset=omniglot dataset.shots=0", "dataset.shots"),
+        ("dataset=omniglot dataset.shots=15 dataset.query_shots=6", "dataset.query_shots"),
+        (
+            "dataset=omniglot dataset.shots=10 dataset.test_query_shots=11",
+            "dataset.test_query_shots",
+        ),
+        ("dataset=miniimagenet dataset.ways=21", "dataset.ways"),
+        ("dataset=miniimagenet dataset.image_size=32", "dataset.image_size"),
+        ("dataset=omniglot model.pooling=avg", "model.pooling"),
+    ],
+)
+def test_bad_values_fail_with_one_line_naming_the_key(override, key):
+    with pytest.raises(ConfigError) as error:
+        validate(compose_train(override.split()))
+    message = str(error.value)
+    assert message.startswith(key) and "\n" not in message
+
+
+@pytest.mark.parametrize(
+    ("dataset", "expected"),
+    [
+        ("omniglot", {"model": ("conv4", 64), "inner_lr": 0.4, "steps": (1, 3), "batch": 32}),
+        ("miniimagenet", {"model": ("conv4", 32), "inner_lr": 0.01, "steps": (5, 10), "batch": 4}),
+    ],
+)
+def test_vision_datasets_bring_the_papers_settings(dataset, expected):
+    typed = validate(compose_train([f"dataset={dataset}"]))
+    algorithm = typed["algorithm"]
+    assert (typed["model"].name, typed["model"].filters) == expected["model"]
+    assert (
+        algorithm.inner_lr == expected["inner_lr"]
+        and algorithm.meta_batch_size == expected["batch"]
+    )
+    assert (algorithm.inner_steps, algorithm.test_inner_steps) == expected["steps"]
+    assert typed["train"].iterations == 60000
+    # The command line still wins over the dataset's defaults.
+    typed = validate(
+        compose_train([f"dataset={dataset}", "algorithm.inner_lr=0.2", "model=mlp_omniglot"])
+    )
+    assert typed["algorithm"].inner_lr == 0.2 and typed["model"].batch_norm
+
+
+def test_dataset_root_defaults_to_mamlrun_data(monkeypatch):
+    monkeypatch.setenv("MAMLRUN_DATA", "/data/here")
+    assert validate(compose_train(["dataset=omniglot"]))["dataset"].root == "/data/here"
+    monkeypatch.delenv("MAMLRUN_DATA")
+    assert validate(compose_train(["dataset=omniglot"]))["dataset"].root.startswith(
+        "~/.cache/mamlrun"
+    )
+
+
+def test_eval_requires_a_checkpoint():
+    with pytest.raises(ConfigError, match="^checkpoint: required"):
+        validate(compose_train([], primary="eval"), primary="eval")

@@ -1,0 +1,166 @@
+"""N-way K-shot task sampling: shapes, labels, disjoint support/query, determinism, rotations.
+
+The images are synthetic and tell who they are: channel 0 holds the class, channel 1 the image's
+number within its class (both constant planes, so unchanged by rotation), and channel 2 a single
+marker pixel in the top-left corner, whose position after sampling reveals the rotation.
+"""
+
+import copy
+import io
+import random
+
+import pytest
+import torch
+
+from mamlrun.errors import UserError
+from mamlrun.fewshot import ClassificationTasks
+from mamlrun.tasks import TaskBatch
+
+CLASSES, PER_CLASS, SIZE = 12, 8, 5
+SPLIT = [1, 2, 4, 5, 7, 8, 10, 11]  # classes 0, 3, 6, 9 belong to another split
+
+
+def _images() -> torch.Tensor:
+    images = torch.zeros(CLASSES, PER_CLASS, 3, SIZE, SIZE, dtype=torch.uint8)
+    images[:, :, 0] = torch.arange(CLASSES).view(-1, 1, 1, 1)
+    images[:, :, 1] = torch.arange(PER_CLASS).view(1, -1, 1, 1)
+    images[:, :, 2, 0, 0] = 255
+    return images
+
+
+IMAGES = _images()
+MARKERS = torch.stack([torch.rot90(IMAGES[0, 0, 2], k, dims=(0, 1)) for k in range(4)])
+
+
+def _decode(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(class, image number, quarter turns) of every image in x [..., 3, SIZE, SIZE] float."""
+    pixels = (x * 255).round().to(torch.uint8)
+    cls, number = pixels[..., 0, 2, 2].long(), pixels[..., 1, 2, 2].long()
+    matches = (pixels[..., 2, :, :].unsqueeze(-3) == MARKERS).flatten(-2).all(-1)
+    assert (matches.sum(-1) == 1).all(), "every image is an exact rotation of its original"
+    return cls, number, matches.float().argmax(-1)
+
+
+def _tasks(**kwargs) -> ClassificationTasks:
+    args = dict(images=IMAGES, classes=SPLIT, ways=4, shots=2, query_shots=3, seed=0)
+    return ClassificationTasks(**{**args, **kwargs})
+
+
+def _equal(a: TaskBatch, b: TaskBatch) -> bool:
+    return all(torch.equal(s, t) for s, t in zip(a.tensors(), b.tensors(), strict=True))
+
+
+@pytest.mark.parametrize("rotations", [False, True])
+def test_shapes_and_dtypes(rotations):
+    tasks = _tasks(rotations=rotations)
+    batch = tasks.sample(7)
+    assert tasks.task_type == "classification" and tasks.input_shape == (3, SIZE, SIZE)
+    assert (tasks.ways, tasks.shots, tasks.query_shots) == (4, 2, 3)
+    assert batch.support_x.shape == (7, 8, 3, SIZE, SIZE) and batch.support_y.shape == (7, 8)
+    assert batch.query_x.shape == (7, 12, 3, SIZE, SIZE) and batch.query_y.shape == (7, 12)
+    assert batch.support_x.dtype == batch.query_x.dtype == torch.float32
+    assert batch.support_y.dtype == batch.query_y.dtype == torch.int64
+    assert 0 <= batch.support_x.min() and batch.support_x.max() == 1
+    gray = ClassificationTasks(IMAGES[:, :, 2], SPLIT, ways=3, shots=1, query_shots=1)
+    assert gray.input_shape == (1, SIZE, SIZE)
+    assert gray.sample(2).query_x.shape == (2, 3, 1, SIZE, SIZE)
+
+
+@pytest.mark.parametrize("rotations", [False, True])
+def test_labels_classes_and_disjoint_support_query(rotations):
+    batch = _tasks(rotations=rotations).sample(50)
+    s_cls, s_num, _ = _decode(batch.support_x)
+    q_cls, q_num, _ = _decode(batch.query_x)
+    for t in range(50):
+        assert torch.equal(batch.support_y[t].bincount(), torch.full((4,), 2))
+        assert torch.equal(batch.query_y[t].bincount(), torch.full((4,), 3))
+        for label in range(4):  # one class per label, the same in support and query
+            classes = torch.cat(
+                [s_cls[t][batch.support_y[t] == label], q_cls[t][batch.query_y[t] == label]]
+            ).unique()
+            assert classes.tolist() == [batch.classes[t, label].item()]
+        assert len(batch.classes[t].unique()) == 4 and set(batch.classes[t].tolist()) <= set(SPLIT)
+        support = set(zip(s_cls[t].tolist(), s_num[t].tolist(), strict=True))
+        query = set(zip(q_cls[t].tolist(), q_num[t].tolist(), strict=True))
+        assert len(support) == 8 and len(query) == 12 and not support & query
+    # over many tasks every class of the split and every image get used
+    assert set(batch.classes.flatten().tolist()) == set(SPLIT)
+    assert set(torch.cat([s_num.flatten(), q_num.flatten()]).tolist()) == set(range(PER_CLASS))
+
+
+def test_same_seed_same_tasks_whatever_the_global_seeds():
+    random.seed(0)
+    torch.manual_seed(0)
+    a = _tasks(seed=3).sample(5)
+    random.seed(12345)
+    torch.manual_seed(777)
+    tasks = _tasks(seed=3)
+    before = random.getstate()
+    b = tasks.sample(5)
+    assert random.getstate() == before, "sampling must not touch the global random state"
+    assert _equal(a, b)
+    assert not _equal(a, _tasks(seed=4).sample(5))
+
+
+def test_state_dict_resumes_the_same_sequence():
+    tasks = _tasks(rotations=True)
+    tasks.sample(3)
+    buffer = io.BytesIO()
+    torch.save(tasks.state_dict(), buffer)  # as a checkpoint would store it
+    expected = [tasks.sample(4), tasks.sample(2)]
+    resumed = _tasks(rotations=True, seed=99)
+    buffer.seek(0)
+    resumed.load_state_dict(torch.load(buffer, weights_only=True))
+    assert all(_equal(e, resumed.sample(len(e))) for e in expected)
+    as_lists = copy.deepcopy(tasks.state_dict())
+    as_lists["random"] = [list(x) if isinstance(x, tuple) else x for x in as_lists["random"]]
+    resumed.load_state_dict(as_lists)  # e.g. after a round trip through JSON
+    assert _equal(tasks.sample(3), resumed.sample(3))
+
+
+def test_fixed_pool_of_tasks():
+    tasks = _tasks(num_tasks=3, rotations=True)
+    batch = tasks.sample(40)
+    distinct = {tuple(batch.support_x[t].flatten().tolist()) for t in range(40)}
+    assert len(distinct) == 3
+    # pool task i depends on (seed, i) only, not on the order in which tasks were drawn
+    other = _tasks(num_tasks=3, rotations=True)
+    other.load_state_dict({"random": random.Random(5).getstate()})
+    again = other.sample(40)
+    assert {tuple(again.support_x[t].flatten().tolist()) for t in range(40)} == distinct
+
+
+def test_no_rotations_by_default():
+    batch = _tasks().sample(20)
+    assert not hasattr(batch, "quarter_turns")
+    assert (_decode(batch.support_x)[2] == 0).all() and (_decode(batch.query_x)[2] == 0).all()
+
+
+def test_rotation_is_drawn_per_class():
+    tasks = _tasks(ways=5, shots=1, query_shots=2, rotations=True, seed=1)
+    batch = tasks.sample(1000)
+    s_cls, _, s_turns = _decode(batch.support_x)
+    q_cls, _, q_turns = _decode(batch.query_x)
+    # all images of one class in a task share that class's angle, also across support and query
+    assert torch.equal(s_turns, batch.quarter_turns)
+    assert torch.equal(q_turns.view(1000, 5, 2), batch.quarter_turns[:, :, None].expand(-1, -1, 2))
+    assert torch.equal(q_cls.view(1000, 5, 2)[:, :, 0], s_cls)
+    # classes of one task get independent angles: all 5 share one with probability (1/4)^4
+    one_angle = (batch.quarter_turns == batch.quarter_turns[:, :1]).all(dim=1).float().mean()
+    assert one_angle < 0.02
+    # each angle has frequency 1/4: chi-square with 3 degrees of freedom, p = 0.001 cut-off
+    counts = batch.quarter_turns.flatten().bincount(minlength=4).float()
+    chi2 = ((counts - counts.sum() / 4) ** 2 / (counts.sum() / 4)).sum()
+    assert chi2 < 16.27
+
+
+def test_impossible_combinations_name_the_keys():
+    big = torch.zeros(30, 20, 28, 28, dtype=torch.uint8)
+    with pytest.raises(UserError, match=r"^dataset.ways=30 but the test split has 20 classes$"):
+        ClassificationTasks(big, range(20), ways=30, shots=1, query_shots=1, split="test")
+    with pytest.raises(
+        UserError, match=r"^dataset.shots \+ dataset.query_shots = 25 > 20 images per class$"
+    ):
+        ClassificationTasks(big, range(20), ways=5, shots=5, query_shots=20)
+    with pytest.raises(UserError, match="dataset.shots=0"):
+        ClassificationTasks(big, range(20), ways=5, shots=0, query_shots=1)
