@@ -72,12 +72,16 @@ def load_image_splits(dataset: ImageDataset) -> dict[str, tuple]:
     return _split_images(dataset.name, dataset.root, dataset.download, dataset.split_seed)
 
 
-def task_sampler(dataset: Any, split: str, seed: int, shots: int | None = None):
+def task_sampler(
+    dataset: Any, split: str, seed: int, shots: int | None = None, device: Any = "cpu"
+):
     """A sampler of tasks of `split` ("train", "val", "test").
 
     Meta-training tasks have `dataset.shots` support and `dataset.query_shots` query examples.
     Held-out sinusoid tasks are scored on `eval_query_points` evenly spaced points over the whole
     x range, as the paper's evaluation; held-out classification tasks use `test_query_shots`.
+    Training tasks are drawn on the training `device`; validation and test tasks on the CPU (the
+    default), so they are the same tasks whatever hardware a run used.
     """
     if isinstance(dataset, SinusoidDataset):
         return SinusoidTasks(
@@ -88,13 +92,12 @@ def task_sampler(dataset: Any, split: str, seed: int, shots: int | None = None):
             x_range=tuple(dataset.x_range),
             seed=seed,
             query_grid=None if split == "train" else dataset.eval_query_points,
+            device=device,
         )
-    from mamlrun.fewshot import ClassificationTasks
+    from mamlrun.fewshot import ClassificationTasks, TensorClassificationTasks
 
     images, classes = load_image_splits(dataset)[SPLIT_NAMES[split]]
-    return ClassificationTasks(
-        images,
-        classes,
+    options = dict(
         ways=dataset.ways,
         shots=shots or dataset.shots,
         query_shots=dataset.train_query_shots if split == "train" else dataset.eval_query_shots,
@@ -102,6 +105,9 @@ def task_sampler(dataset: Any, split: str, seed: int, shots: int | None = None):
         seed=seed,
         split=SPLIT_NAMES[split],
     )
+    if dataset.sampler == "tensor":
+        return TensorClassificationTasks(images, classes, device=device, **options)
+    return ClassificationTasks(images, classes, **options)
 
 
 def eval_shots(dataset: Any, requested: list[int] | None) -> list[int]:
@@ -135,6 +141,16 @@ def model_for(model_cfg: Any, dataset: Any) -> nn.Module:
 
 
 def engine_for(model: nn.Module, algorithm: Algorithm, dataset: Any) -> Learn2LearnEngine:
+    """The engine chosen by `algorithm.engine`; both compute the same MAML updates."""
+    if algorithm.engine == "vmap":
+        from mamlrun.vmap_engine import VmapEngine
+
+        return VmapEngine(
+            model,
+            inner_lr=algorithm.inner_lr,
+            first_order=algorithm.first_order,
+            task_type=task_type(dataset),
+        )
     return Learn2LearnEngine(
         model,
         inner_lr=algorithm.inner_lr,

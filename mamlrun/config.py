@@ -53,6 +53,7 @@ class ImageDataset:
     rotations: bool = True
     split_seed: int = 1
     image_size: int = 28
+    sampler: str = "tensor"
 
     @property
     def train_query_shots(self) -> int:
@@ -116,6 +117,10 @@ class Algorithm:
         default_factory=lambda: {"_target_": "torch.optim.Adam", "_partial_": True}
     )
     grad_clip: float | None = None
+    engine: str = "learn2learn"
+
+
+ENGINES = ("vmap", "learn2learn")
 
 
 @dataclass
@@ -292,6 +297,11 @@ def _check_values(typed: dict[str, Any]) -> None:
         if algorithm.grad_clip is not None:
             _check(algorithm.grad_clip > 0, "algorithm.grad_clip", "must be > 0 or null")
         _check_optimizer(algorithm.meta_optimizer)
+        _check(
+            algorithm.engine in ENGINES,
+            "algorithm.engine",
+            f"choose one of {', '.join(ENGINES)}, got {algorithm.engine!r}",
+        )
     dataset = typed.get("dataset")
     if isinstance(dataset, SinusoidDataset):
         _check_range("dataset.amplitude", dataset.amplitude)
@@ -377,6 +387,11 @@ def _check_image_dataset(dataset: ImageDataset) -> None:
         f"must be >= 2 (a task needs two classes), got {dataset.ways}",
     )
     _check(dataset.shots >= 1, "dataset.shots", f"must be >= 1, got {dataset.shots}")
+    _check(
+        dataset.sampler in ("tensor", "learn2learn"),
+        "dataset.sampler",
+        f"choose tensor or learn2learn, got {dataset.sampler!r}",
+    )
     for key in ("query_shots", "test_query_shots"):
         value = getattr(dataset, key)
         _check(value is None or value >= 1, f"dataset.{key}", f"must be >= 1 or null, got {value}")

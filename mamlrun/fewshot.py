@@ -67,6 +67,42 @@ def _with_turns(data: list, quarter_turns: int) -> list:
     return [*data, quarter_turns]
 
 
+def _validate_task_shape(
+    images: torch.Tensor,
+    classes: torch.Tensor | Sequence[int],
+    ways: int,
+    shots: int,
+    query_shots: int,
+    split: str | None,
+) -> list[int]:
+    """Check that the split can serve tasks of this shape; returns the class indices as a list.
+
+    Raises:
+        UserError: ways > classes in the split, or shots + query_shots > images per class.
+        ValueError: malformed images or class indices (a programming error, not the user's).
+    """
+    if images.dim() != 5 or images.dtype != torch.uint8:
+        raise ValueError(
+            f"images must be uint8 [classes, images, (C,) H, W], got "
+            f"{images.dtype} {list(images.shape)}"
+        )
+    classes = torch.as_tensor(classes, dtype=torch.long).tolist()
+    if any(not 0 <= c < len(images) for c in classes):
+        raise ValueError(f"class indices must lie in [0, {len(images)})")
+    the_split = f"the {split} split" if split else "the split"
+    for key, value in (("ways", ways), ("shots", shots), ("query_shots", query_shots)):
+        if value < 1:
+            raise UserError(f"dataset.{key}={value}: must be at least 1")
+    if ways > len(classes):
+        raise UserError(f"dataset.ways={ways} but {the_split} has {len(classes)} classes")
+    if shots + query_shots > images.shape[1]:
+        raise UserError(
+            f"dataset.shots + dataset.query_shots = {shots + query_shots} > "
+            f"{images.shape[1]} images per class"
+        )
+    return classes
+
+
 class ClassRotations:
     """learn2learn task transform: give each class of a task its own multiple of 90 degrees.
 
@@ -128,25 +164,7 @@ class ClassificationTasks:
     ) -> None:
         if images.dim() == 4:
             images = images.unsqueeze(2)
-        if images.dim() != 5 or images.dtype != torch.uint8:
-            raise ValueError(
-                f"images must be uint8 [classes, images, (C,) H, W], got "
-                f"{images.dtype} {list(images.shape)}"
-            )
-        classes = torch.as_tensor(classes, dtype=torch.long).tolist()
-        if any(not 0 <= c < len(images) for c in classes):
-            raise ValueError(f"class indices must lie in [0, {len(images)})")
-        the_split = f"the {split} split" if split else "the split"
-        for key, value in (("ways", ways), ("shots", shots), ("query_shots", query_shots)):
-            if value < 1:
-                raise UserError(f"dataset.{key}={value}: must be at least 1")
-        if ways > len(classes):
-            raise UserError(f"dataset.ways={ways} but {the_split} has {len(classes)} classes")
-        if shots + query_shots > images.shape[1]:
-            raise UserError(
-                f"dataset.shots + dataset.query_shots = {shots + query_shots} > "
-                f"{images.shape[1]} images per class"
-            )
+        classes = _validate_task_shape(images, classes, ways, shots, query_shots, split)
         if num_tasks < 1 and num_tasks != -1:
             raise UserError(f"dataset.num_tasks={num_tasks}: must be -1 (unlimited) or positive")
 
@@ -226,3 +244,84 @@ class ClassificationTasks:
     def load_state_dict(self, state: dict) -> None:
         version, internal, gauss = state["random"]  # a tuple again if it went through lists
         self._rng.setstate((version, tuple(internal), gauss))
+
+
+class TensorClassificationTasks:
+    """N-way K-shot tasks drawn with tensor indexing on the training device, a whole meta-batch at
+    a time: no per-image Python work, no host-to-device copies when the images live on the GPU.
+
+    Draws the same distribution as `ClassificationTasks` (learn2learn's `Taskset` pipeline): for
+    each task, `ways` distinct classes uniformly from the split, `shots + query_shots` distinct
+    images uniformly per class, the first `shots` as support and the rest as query, labels 0..ways-1
+    in a uniformly random class order, and with `rotations` an independent multiple of 90 degrees
+    per class. It owns a `torch.Generator` on the device, so tasks depend on `seed` alone.
+
+    Args:
+        images: uint8 [num_classes_total, per_class, (C,) H, W]; moved to `device` once.
+        classes: indices of this split's classes.
+        ways, shots, query_shots, rotations, seed, split: as `ClassificationTasks`.
+        device: where images are kept and tasks are built.
+    """
+
+    task_type = "classification"
+
+    def __init__(
+        self,
+        images: torch.Tensor,
+        classes: torch.Tensor | Sequence[int],
+        ways: int,
+        shots: int,
+        query_shots: int,
+        rotations: bool = False,
+        seed: int = 0,
+        split: str | None = None,
+        device: torch.device | str = "cpu",
+    ) -> None:
+        if images.dim() == 4:
+            images = images.unsqueeze(2)
+        _validate_task_shape(images, classes, ways, shots, query_shots, split)
+        self.device = torch.device(device)
+        self.classes = torch.as_tensor(classes, dtype=torch.long, device=self.device)
+        if self.classes.tolist() == list(range(len(images))):
+            self.images = images.to(self.device)  # the whole tensor is this split: no copy
+        else:
+            self.images = images[self.classes.cpu()].to(self.device)  # this split's classes only
+        self.ways, self.shots, self.query_shots = ways, shots, query_shots
+        self.rotations, self.seed = rotations, seed
+        self.input_shape = tuple(images.shape[2:])
+        self.generator = torch.Generator(device=self.device).manual_seed(seed)
+
+    def sample(self, num_tasks: int) -> TaskBatch:
+        """Draw `num_tasks` tasks; same layout and attributes as `ClassificationTasks.sample`."""
+        n, ways, k = num_tasks, self.ways, self.shots + self.query_shots
+        num_classes, per_class = self.images.shape[:2]
+        g, device = self.generator, self.device
+        # A uniformly random ordered subset: the first `ways` of a random permutation per task.
+        local = torch.rand(n, num_classes, generator=g, device=device).argsort(dim=1)[:, :ways]
+        picks = torch.rand(n, ways, per_class, generator=g, device=device).argsort(dim=2)[..., :k]
+        x = self.images[local[..., None], picks]  # [n, ways, k, C, H, W]
+        batch_extra = {}
+        if self.rotations:
+            turns = torch.randint(0, 4, (n, ways), generator=g, device=device)
+            for quarter_turns in range(1, 4):
+                rotate = turns == quarter_turns
+                x[rotate] = torch.rot90(x[rotate], quarter_turns, dims=(-2, -1))
+            batch_extra["quarter_turns"] = turns
+        x = x.float().div_(255)
+        y = torch.arange(ways, device=device).view(1, ways, 1).expand(n, ways, k)
+
+        def part(t: torch.Tensor, s: slice) -> torch.Tensor:
+            return t[:, :, s].reshape(n, -1, *t.shape[3:])
+
+        support, query = slice(0, self.shots), slice(self.shots, k)
+        batch = TaskBatch(part(x, support), part(y, support), part(x, query), part(y, query))
+        batch.classes = self.classes[local]
+        for name, value in batch_extra.items():
+            setattr(batch, name, value)
+        return batch
+
+    def state_dict(self) -> dict:
+        return {"generator": self.generator.get_state()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.generator.set_state(state["generator"].cpu())

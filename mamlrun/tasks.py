@@ -60,6 +60,7 @@ class SinusoidTasks:
         amplitude, phase, x_range: [low, high] of the uniform distributions.
         seed: seeds this sampler's own generator (independent of global RNGs).
         query_grid: if set, the number of evenly spaced query points.
+        device: where tasks are drawn (the training device: no host-to-device copies).
     """
 
     task_type = "regression"
@@ -73,14 +74,17 @@ class SinusoidTasks:
         x_range: tuple[float, float] = (-5.0, 5.0),
         seed: int = 0,
         query_grid: int | None = None,
+        device: torch.device | str = "cpu",
     ) -> None:
         self.shots, self.query_shots, self.query_grid = shots, query_shots, query_grid
         self.amplitude, self.phase, self.x_range = amplitude, phase, x_range
-        self.generator = torch.Generator().manual_seed(seed)
+        self.device = torch.device(device)
+        self.generator = torch.Generator(device=self.device).manual_seed(seed)
 
     def _uniform(self, low_high: tuple[float, float], *shape: int) -> torch.Tensor:
         low, high = low_high
-        return low + (high - low) * torch.rand(*shape, 1, generator=self.generator)
+        draw = torch.rand(*shape, 1, generator=self.generator, device=self.device)
+        return low + (high - low) * draw
 
     def sample(self, num_tasks: int) -> TaskBatch:
         """Draw `num_tasks` tasks; also returns their amplitudes and phases as attributes."""
@@ -90,7 +94,7 @@ class SinusoidTasks:
         if self.query_grid is None:
             query_x = self._uniform(self.x_range, num_tasks, self.query_shots)
         else:
-            grid = torch.linspace(*self.x_range, self.query_grid)
+            grid = torch.linspace(*self.x_range, self.query_grid, device=self.device)
             query_x = grid.view(1, -1, 1).expand(num_tasks, -1, -1).clone()
         batch = TaskBatch(
             support_x,
@@ -105,4 +109,4 @@ class SinusoidTasks:
         return {"generator": self.generator.get_state()}
 
     def load_state_dict(self, state: dict) -> None:
-        self.generator.set_state(state["generator"])
+        self.generator.set_state(state["generator"].cpu())

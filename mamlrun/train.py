@@ -119,7 +119,7 @@ def run_train(cfg: DictConfig) -> float:
     optimizer = builders.meta_optimizer(model, algorithm)
     params = sum(p.numel() for p in model.parameters())
     console.info(f"model <{typed['model'].name}> with {params:,} parameters on {device}")
-    train_tasks = builders.task_sampler(dataset, "train", seed=typed["seed"])
+    train_tasks = builders.task_sampler(dataset, "train", seed=typed["seed"], device=device)
     val_seed = typed["eval"].seed + builders.VALIDATION_SEED_OFFSET
     val_batch = builders.task_sampler(dataset, "val", seed=val_seed).sample(loop.val_tasks)
     val_batch = val_batch.to(device)

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from mamlrun.errors import UserError
-from mamlrun.fewshot import ClassificationTasks
+from mamlrun.fewshot import ClassificationTasks, TensorClassificationTasks
 from mamlrun.tasks import TaskBatch
 
 CLASSES, PER_CLASS, SIZE = 12, 8, 5
@@ -41,9 +41,18 @@ def _decode(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return cls, number, matches.float().argmax(-1)
 
 
-def _tasks(**kwargs) -> ClassificationTasks:
+SAMPLERS = [ClassificationTasks, TensorClassificationTasks]
+
+
+@pytest.fixture(params=SAMPLERS, ids=["learn2learn", "tensor"])
+def sampler(request):
+    """Both samplers must pass the same tests: the tensor one is a drop-in replacement."""
+    return request.param
+
+
+def _tasks(sampler=ClassificationTasks, **kwargs) -> ClassificationTasks:
     args = dict(images=IMAGES, classes=SPLIT, ways=4, shots=2, query_shots=3, seed=0)
-    return ClassificationTasks(**{**args, **kwargs})
+    return sampler(**{**args, **kwargs})
 
 
 def _equal(a: TaskBatch, b: TaskBatch) -> bool:
@@ -51,8 +60,8 @@ def _equal(a: TaskBatch, b: TaskBatch) -> bool:
 
 
 @pytest.mark.parametrize("rotations", [False, True])
-def test_shapes_and_dtypes(rotations):
-    tasks = _tasks(rotations=rotations)
+def test_shapes_and_dtypes(sampler, rotations):
+    tasks = _tasks(sampler, rotations=rotations)
     batch = tasks.sample(7)
     assert tasks.task_type == "classification" and tasks.input_shape == (3, SIZE, SIZE)
     assert (tasks.ways, tasks.shots, tasks.query_shots) == (4, 2, 3)
@@ -61,14 +70,14 @@ def test_shapes_and_dtypes(rotations):
     assert batch.support_x.dtype == batch.query_x.dtype == torch.float32
     assert batch.support_y.dtype == batch.query_y.dtype == torch.int64
     assert 0 <= batch.support_x.min() and batch.support_x.max() == 1
-    gray = ClassificationTasks(IMAGES[:, :, 2], SPLIT, ways=3, shots=1, query_shots=1)
+    gray = sampler(IMAGES[:, :, 2], SPLIT, ways=3, shots=1, query_shots=1)
     assert gray.input_shape == (1, SIZE, SIZE)
     assert gray.sample(2).query_x.shape == (2, 3, 1, SIZE, SIZE)
 
 
 @pytest.mark.parametrize("rotations", [False, True])
-def test_labels_classes_and_disjoint_support_query(rotations):
-    batch = _tasks(rotations=rotations).sample(50)
+def test_labels_classes_and_disjoint_support_query(sampler, rotations):
+    batch = _tasks(sampler, rotations=rotations).sample(50)
     s_cls, s_num, _ = _decode(batch.support_x)
     q_cls, q_num, _ = _decode(batch.query_x)
     for t in range(50):
@@ -88,18 +97,18 @@ def test_labels_classes_and_disjoint_support_query(rotations):
     assert set(torch.cat([s_num.flatten(), q_num.flatten()]).tolist()) == set(range(PER_CLASS))
 
 
-def test_same_seed_same_tasks_whatever_the_global_seeds():
+def test_same_seed_same_tasks_whatever_the_global_seeds(sampler):
     random.seed(0)
     torch.manual_seed(0)
-    a = _tasks(seed=3).sample(5)
+    a = _tasks(sampler, seed=3).sample(5)
     random.seed(12345)
     torch.manual_seed(777)
-    tasks = _tasks(seed=3)
+    tasks = _tasks(sampler, seed=3)
     before = random.getstate()
     b = tasks.sample(5)
     assert random.getstate() == before, "sampling must not touch the global random state"
     assert _equal(a, b)
-    assert not _equal(a, _tasks(seed=4).sample(5))
+    assert not _equal(a, _tasks(sampler, seed=4).sample(5))
 
 
 def test_state_dict_resumes_the_same_sequence():
@@ -130,14 +139,14 @@ def test_fixed_pool_of_tasks():
     assert {tuple(again.support_x[t].flatten().tolist()) for t in range(40)} == distinct
 
 
-def test_no_rotations_by_default():
-    batch = _tasks().sample(20)
+def test_no_rotations_by_default(sampler):
+    batch = _tasks(sampler).sample(20)
     assert not hasattr(batch, "quarter_turns")
     assert (_decode(batch.support_x)[2] == 0).all() and (_decode(batch.query_x)[2] == 0).all()
 
 
-def test_rotation_is_drawn_per_class():
-    tasks = _tasks(ways=5, shots=1, query_shots=2, rotations=True, seed=1)
+def test_rotation_is_drawn_per_class(sampler):
+    tasks = _tasks(sampler, ways=5, shots=1, query_shots=2, rotations=True, seed=1)
     batch = tasks.sample(1000)
     s_cls, _, s_turns = _decode(batch.support_x)
     q_cls, _, q_turns = _decode(batch.query_x)
@@ -154,13 +163,39 @@ def test_rotation_is_drawn_per_class():
     assert chi2 < 16.27
 
 
-def test_impossible_combinations_name_the_keys():
+def test_impossible_combinations_name_the_keys(sampler):
     big = torch.zeros(30, 20, 28, 28, dtype=torch.uint8)
     with pytest.raises(UserError, match=r"^dataset.ways=30 but the test split has 20 classes$"):
-        ClassificationTasks(big, range(20), ways=30, shots=1, query_shots=1, split="test")
+        sampler(big, range(20), ways=30, shots=1, query_shots=1, split="test")
     with pytest.raises(
         UserError, match=r"^dataset.shots \+ dataset.query_shots = 25 > 20 images per class$"
     ):
-        ClassificationTasks(big, range(20), ways=5, shots=5, query_shots=20)
+        sampler(big, range(20), ways=5, shots=5, query_shots=20)
     with pytest.raises(UserError, match="dataset.shots=0"):
-        ClassificationTasks(big, range(20), ways=5, shots=0, query_shots=1)
+        sampler(big, range(20), ways=5, shots=0, query_shots=1)
+
+
+def test_tensor_sampler_draws_the_learn2learn_distribution():
+    """Two-sample chi-square tests of homogeneity on what a task is made of: which classes, in
+    which label position, which images, and which angles (p = 0.001 cut-offs)."""
+    draws = {}
+    for sampler in SAMPLERS:
+        batch = _tasks(sampler, ways=3, shots=1, query_shots=2, rotations=True, seed=5).sample(3000)
+        _, s_num, _ = _decode(batch.support_x)
+        _, q_num, _ = _decode(batch.query_x)
+        draws[sampler] = {
+            "class": batch.classes.flatten(),
+            "first label's class": batch.classes[:, 0],
+            "support image": s_num.flatten(),
+            "query image": q_num.flatten(),
+            "angle": batch.quarter_turns.flatten(),
+        }
+    critical = {7: 24.32, 3: 16.27}  # chi-square 0.999 quantiles by degrees of freedom
+    for name in draws[ClassificationTasks]:
+        a, b = (draws[s][name] for s in SAMPLERS)
+        bins = int(max(a.max(), b.max())) + 1
+        counts = torch.stack([a.bincount(minlength=bins), b.bincount(minlength=bins)]).double()
+        counts = counts[:, counts.sum(0) > 0]
+        expected = counts.sum(1, keepdim=True) * counts.sum(0, keepdim=True) / counts.sum()
+        chi2 = float(((counts - expected) ** 2 / expected).sum())
+        assert chi2 < critical[counts.shape[1] - 1], (name, chi2, counts)
