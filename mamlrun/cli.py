@@ -75,6 +75,12 @@ def _data(args: list[str]) -> None:
         raise SystemExit(2) from None
 
 
+def _bench(args: list[str]) -> None:
+    from mamlrun.bench import main as bench_main
+
+    bench_main(args)
+
+
 def _with_argv(name: str, entry: Callable[[], None]) -> Callable[[list[str]], None]:
     """Hydra parses sys.argv itself: hand it the arguments after the subcommand."""
 
@@ -98,6 +104,7 @@ COMMANDS: dict[str, tuple[str, Callable[[list[str]], None]]] = {
         _with_argv("eval", _hydra_command("eval", _eval)),
     ),
     "data": ("prepare or verify a dataset: data {prepare,verify} dataset=omniglot", _data),
+    "bench": ("meta-training throughput vs a plain learn2learn loop (docs/benchmarks.md)", _bench),
 }
 
 

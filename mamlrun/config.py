@@ -158,6 +158,18 @@ class TrainLoop:
 
 
 @dataclass
+class PaperReference:
+    """The paper's number a preset reproduces (accuracy as a fraction; MSE as listed)."""
+
+    table: str = ""
+    cell: str = ""
+    metric: str = "acc"
+    value: Any = None
+    ci95: Any = None
+    steps: Any = None
+
+
+@dataclass
 class EvalSettings:
     tasks: int = 600
     seed: int = 1234
@@ -190,6 +202,7 @@ TOP_LEVEL: dict[str, dict[str, Any]] = {
         "seed": int,
         "resume": (str, type(None)),
         "print_config": bool,
+        "paper": PaperReference,
         "train": TrainLoop,
         "eval": EvalSettings,
     },
@@ -261,6 +274,9 @@ def validate(cfg: DictConfig, primary: str = "train") -> dict[str, Any]:
         typed[group] = _typed(group, node, registry[name])
     for key, kind in TOP_LEVEL[primary].items():
         if isinstance(kind, type) and hasattr(kind, "__dataclass_fields__"):
+            if key == "paper" and cfg.get(key) is None:
+                typed[key] = None  # only presets carry a paper reference
+                continue
             typed[key] = _typed(key, cfg.get(key), kind)
         else:
             if OmegaConf.is_missing(cfg, key):

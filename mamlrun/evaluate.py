@@ -30,14 +30,21 @@ EVAL_CHUNK = 100
 
 
 def summarize(values: torch.Tensor) -> dict[str, list[float]]:
-    """Per-step statistics of a [tasks, steps + 1] tensor: mean, std, ci95, median."""
+    """Per-step statistics of a [tasks, steps + 1] tensor: mean, std, ci95, median, diverged.
+
+    A task whose adaptation diverged (inf or nan) is kept: the mean becomes non-finite, as it
+    honestly is, `diverged` counts such tasks per step, and the median treats them as the worst
+    value (+inf) so it stays meaningful.
+    """
     values = values.double()
     std = values.std(dim=0, unbiased=False)
+    finite = torch.isfinite(values)
     return {
         "mean": values.mean(dim=0).tolist(),
         "std": std.tolist(),
         "ci95": (1.96 * std / math.sqrt(values.shape[0])).tolist(),
-        "median": values.median(dim=0).values.tolist(),
+        "median": values.nan_to_num(nan=math.inf).median(dim=0).values.tolist(),
+        "diverged": (~finite).sum(dim=0).tolist(),
     }
 
 
@@ -113,10 +120,13 @@ def table_rows(report: dict[str, Any]) -> tuple[list[str], list[list[Any]]]:
     rows = []
     for label, result in report["results"].items():
         stats = result[metric]
-        if percent:
-            cells = [f"{100 * stats['mean'][s]:.2f} ± {100 * stats['ci95'][s]:.2f}" for s in steps]
-        else:
-            cells = [f"{stats['mean'][s]:.3f} ± {stats['ci95'][s]:.3f}" for s in steps]
+        scale, digits = (100, 2) if percent else (1, 3)
+        cells = []
+        for s in steps:
+            cell = f"{scale * stats['mean'][s]:.{digits}f} ± {scale * stats['ci95'][s]:.{digits}f}"
+            if stats.get("diverged", [0] * (s + 1))[s]:
+                cell += f" ({stats['diverged'][s]} diverged, median {stats['median'][s]:.3f})"
+            cells.append(cell)
         rows.append([label, *cells])
     return columns, rows
 

@@ -133,6 +133,30 @@ def test_dataset_root_defaults_to_mamlrun_data(monkeypatch):
     )
 
 
+PRESETS = sorted(
+    f"finn2017/{p.name.removesuffix('.yaml')}"
+    for p in (resources.files("mamlrun.conf") / "experiment" / "finn2017").iterdir()
+    if p.name.endswith(".yaml")
+)
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+def test_every_paper_preset_composes_and_validates(preset):
+    typed = validate(compose_train([f"experiment={preset}"]))
+    paper = typed["paper"]
+    assert paper.table and paper.cell and paper.value is not None
+    dataset, algorithm = typed["dataset"], typed["algorithm"]
+    assert dataset.name in preset
+    if dataset.name == "omniglot":
+        expected = (0.4, 1, 3, 32) if dataset.ways == 5 else (0.1, 5, 5, 16)
+        assert (algorithm.inner_lr, algorithm.inner_steps, algorithm.test_inner_steps,
+                algorithm.meta_batch_size) == expected
+        assert f"{dataset.ways}w{dataset.shots}s" in preset
+    if dataset.name == "miniimagenet":
+        assert algorithm.grad_clip == 10 and dataset.train_query_shots == 15
+        assert algorithm.first_order == ("_fo_" in preset)
+
+
 def test_eval_requires_a_checkpoint():
     with pytest.raises(ConfigError, match="^checkpoint: required"):
         validate(compose_train([], primary="eval"), primary="eval")

@@ -1,0 +1,326 @@
+"""`mamlrun bench`: meta-training throughput of mamlrun against a plain learn2learn loop.
+
+Three contenders per setting, run in one process, interleaved (A, B, C, A, B, C, ...) so that
+machine noise hits them alike, each timed over several repeats:
+
+- `learn2learn example`: the loop as learn2learn's own MAML examples write it: a learn2learn
+  `Taskset` (NWays, KShots, LoadData, RemapLabels, ConsecutiveLabels, its RandomClassRotation)
+  for images or per-task NumPy sampling for sinusoid; per task `clone()`, `adapt()`, query loss,
+  `backward()`; gradients divided by the meta-batch size; `Adam.step()`.
+- `mamlrun learn2learn`: mamlrun's training step with `algorithm.engine=learn2learn`.
+- `mamlrun vmap`: mamlrun's training step with `algorithm.engine=vmap`.
+
+All use the paper's settings (second-order MAML). Omniglot uses the real images when found, else
+random images of the right shape; miniImageNet uses random images (its images are not shipped).
+Results: median iterations/s and tasks/s with min-max spread, the ratio to the plain loop, and
+peak GPU memory; printed as a table and written to `docs/benchmarks.md`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from mamlrun import builders, console
+from mamlrun.config import Hardware
+from mamlrun.engine import Learn2LearnEngine
+from mamlrun.errors import UserError
+from mamlrun.fewshot import TensorClassificationTasks
+from mamlrun.models import conv4, mlp
+from mamlrun.tasks import SinusoidTasks
+
+with contextlib.redirect_stderr(io.StringIO()):
+    import learn2learn as l2l
+from learn2learn.data.transforms import ConsecutiveLabels, KShots, LoadData, NWays, RemapLabels
+from learn2learn.vision.transforms import RandomClassRotation
+
+
+_DOC_HEADER = """# Benchmarks
+
+Meta-training throughput, written by `mamlrun bench` (see `mamlrun/bench.py` for what each
+contender runs). Ratios are to the plain learn2learn loop measured in the same process.
+"""
+
+
+@dataclass
+class Setting:
+    """One benchmark setting: the paper's hyperparameters for a table cell."""
+
+    name: str
+    ways: int  # 0 for regression
+    shots: int
+    query_shots: int
+    meta_batch_size: int
+    inner_steps: int
+    inner_lr: float
+
+
+SETTINGS = {
+    "sinusoid": Setting("sinusoid", 0, 10, 10, 25, 1, 0.01),
+    "omniglot_5w1s": Setting("omniglot_5w1s", 5, 1, 1, 32, 1, 0.4),
+    "omniglot_20w1s": Setting("omniglot_20w1s", 20, 1, 1, 16, 5, 0.1),
+    "miniimagenet_5w1s": Setting("miniimagenet_5w1s", 5, 1, 15, 4, 5, 0.01),
+}
+CONTENDERS = ("learn2learn example", "mamlrun learn2learn", "mamlrun vmap")
+
+
+def _images(setting: Setting, omniglot_root: Path | None) -> tuple[torch.Tensor, str]:
+    """uint8 images [classes, per class, C, H, W] for the setting, and where they came from."""
+    generator = torch.Generator().manual_seed(0)
+    if setting.name.startswith("omniglot"):
+        if omniglot_root is not None:
+            from mamlrun.datasets import load_omniglot, omniglot_splits
+
+            try:
+                data = load_omniglot(omniglot_root)
+                train = omniglot_splits(len(data.images))["train"]
+                return data.images[train].unsqueeze(2), "real Omniglot (1100 training characters)"
+            except UserError:
+                pass
+        shape = (1100, 20, 1, 28, 28)
+        source = "random 28x28 images (1100 classes x 20)"
+    else:
+        # 600 images per class in the real data; 60 keep this benchmark's memory small and do
+        # not change the cost of a training step.
+        shape = (64, 60, 3, 84, 84)
+        source = "random 84x84 RGB images (64 classes x 60)"
+    return torch.randint(0, 256, shape, dtype=torch.uint8, generator=generator), source
+
+
+def _model(setting: Setting) -> torch.nn.Module:
+    if setting.ways == 0:
+        return mlp((1,), 1, hidden=[40, 40])
+    if setting.name.startswith("omniglot"):
+        return conv4((1, 28, 28), setting.ways)
+    return conv4((3, 84, 84), setting.ways, filters=32, pooling="max", head="flatten",
+                 head_init="xavier")
+
+
+def _plain_learn2learn(setting: Setting, images, device) -> Callable[[], None]:
+    """One meta-iteration written as learn2learn's MAML examples write it."""
+    model = _model(setting).to(device)
+    maml = l2l.algorithms.MAML(model, lr=setting.inner_lr, first_order=False)
+    optimizer = torch.optim.Adam(maml.parameters(), lr=1e-3)
+    regression = setting.ways == 0
+    loss_fn = F.mse_loss if regression else F.cross_entropy
+    rng = np.random.default_rng(0)
+    if not regression:
+        per_class = images.shape[1]
+        dataset = l2l.data.MetaDataset(
+            torch.utils.data.TensorDataset(
+                images.flatten(0, 1), torch.arange(len(images)).repeat_interleave(per_class)
+            )
+        )
+        transforms = [
+            NWays(dataset, setting.ways),
+            KShots(dataset, setting.shots + setting.query_shots),
+            LoadData(dataset),
+            RemapLabels(dataset),
+            ConsecutiveLabels(dataset),
+        ]
+        if setting.name.startswith("omniglot"):
+            transforms.append(RandomClassRotation(dataset, [0.0, 90.0, 180.0, 270.0]))
+        taskset = l2l.data.Taskset(dataset, task_transforms=transforms, num_tasks=-1)
+
+    def sinusoid_task():
+        amplitude, phase = rng.uniform(0.1, 5.0), rng.uniform(0, np.pi)
+        x = rng.uniform(-5, 5, (setting.shots + setting.query_shots, 1))
+        y = amplitude * np.sin(x - phase)
+        x, y = (torch.tensor(a, dtype=torch.float32, device=device) for a in (x, y))
+        return x[: setting.shots], y[: setting.shots], x[setting.shots :], y[setting.shots :]
+
+    def image_task():
+        x, y = taskset.sample()
+        x, y = x.to(device).float().div_(255), y.to(device)
+        k = setting.shots + setting.query_shots
+        # positional split as in learn2learn's examples: first `shots` of each class adapt
+        support = torch.zeros(len(y), dtype=torch.bool)
+        support[(torch.arange(setting.ways) * k)[:, None] + torch.arange(setting.shots)] = True
+        order = torch.argsort(y, stable=True).cpu()
+        x, y = x[order], y[order]
+        return x[support], y[support], x[~support], y[~support]
+
+    next_task = sinusoid_task if regression else image_task
+
+    def step() -> None:
+        optimizer.zero_grad()
+        for _ in range(setting.meta_batch_size):
+            support_x, support_y, query_x, query_y = next_task()
+            learner = maml.clone()
+            for _ in range(setting.inner_steps):
+                learner.adapt(loss_fn(learner(support_x), support_y))
+            loss_fn(learner(query_x), query_y).backward()
+        for p in maml.parameters():
+            p.grad.data.mul_(1.0 / setting.meta_batch_size)
+        optimizer.step()
+
+    return step
+
+
+def _mamlrun_step(setting: Setting, images, device, engine_name: str) -> Callable[[], None]:
+    """One meta-iteration of mamlrun's training loop with the given engine and its tensor sampler."""
+    model = _model(setting).to(device)
+    task_type = "regression" if setting.ways == 0 else "classification"
+    if engine_name == "vmap":
+        from mamlrun.vmap_engine import VmapEngine
+
+        engine = VmapEngine(model, setting.inner_lr, first_order=False, task_type=task_type)
+    else:
+        engine = Learn2LearnEngine(model, setting.inner_lr, first_order=False, task_type=task_type)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    if setting.ways == 0:
+        sampler = SinusoidTasks(setting.shots, setting.query_shots, seed=0, device=device)
+    else:
+        sampler = TensorClassificationTasks(
+            images, range(len(images)), setting.ways, setting.shots, setting.query_shots,
+            rotations=setting.name.startswith("omniglot"), seed=0, device=device,
+        )
+
+    def step() -> None:
+        batch = sampler.sample(setting.meta_batch_size)
+        optimizer.zero_grad(set_to_none=True)
+        engine.meta_backward(batch, setting.inner_steps)
+        optimizer.step()
+
+    return step
+
+
+def _timed(step: Callable[[], None], seconds: float, device: torch.device) -> tuple[float, int]:
+    """Iterations per second over at least `seconds` (and at least 2 iterations)."""
+    done, started = 0, time.perf_counter()
+    while done < 2 or time.perf_counter() - started < seconds:
+        step()
+        done += 1
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return done / (time.perf_counter() - started), done
+
+
+def hardware_description(device: torch.device) -> str:
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        return f"{name}, torch {torch.__version__}, CUDA {torch.version.cuda}"
+    cpu = platform.processor() or "CPU"
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    return (f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__}, "
+            f"{torch.get_num_threads()} thread(s)")
+
+
+def run_bench(args: list[str]) -> list[dict]:
+    """`mamlrun bench [settings=a,b] [repeats=5] [seconds=3] [device=cpu] [output=docs/...]`."""
+    options = {"settings": ",".join(SETTINGS), "repeats": "5", "seconds": "3", "device": "cpu",
+               "threads": "1", "output": "docs/benchmarks.md", "omniglot_root": ""}
+    for arg in args:
+        key, sep, value = arg.partition("=")
+        if not sep or key not in options:
+            raise UserError(f"{arg}: expected key=value with key in {', '.join(options)}")
+        options[key] = value
+    names = options["settings"].split(",")
+    for name in names:
+        if name not in SETTINGS:
+            raise UserError(f"settings={name}: unknown (choose from {', '.join(SETTINGS)})")
+    device = builders.select_device(
+        Hardware(name="bench", device=options["device"], threads=int(options["threads"]),
+                 deterministic=False)
+    )
+    root = options["omniglot_root"] or os.environ.get("MAMLRUN_DATA")
+    hardware = hardware_description(device)
+    console.info(f"benchmarking on {hardware}")
+    results = []
+    for name in names:
+        setting = SETTINGS[name]
+        images, source = (None, "sampled on the fly") if setting.ways == 0 else _images(
+            setting, Path(root).expanduser() if root else None
+        )
+        steps = {
+            "learn2learn example": _plain_learn2learn(setting, images, device),
+            "mamlrun learn2learn": _mamlrun_step(setting, images, device, "learn2learn"),
+            "mamlrun vmap": _mamlrun_step(setting, images, device, "vmap"),
+        }
+        rates: dict[str, list[float]] = {c: [] for c in CONTENDERS}
+        memory: dict[str, float] = {}
+        for step in steps.values():  # warm-up: allocator, caches, lazy initialisation
+            step()
+        for repeat in range(int(options["repeats"])):
+            for contender, step in steps.items():
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+                    torch.cuda.reset_peak_memory_stats(device)
+                rate, _ = _timed(step, float(options["seconds"]), device)
+                rates[contender].append(rate)
+                if device.type == "cuda":
+                    peak = torch.cuda.max_memory_allocated(device) / 2**20
+                    memory[contender] = max(memory.get(contender, 0.0), peak)
+            console.info(f"{name}: repeat {repeat + 1}/{options['repeats']} " + ", ".join(
+                f"{c} {rates[c][-1]:.2f} it/s" for c in CONTENDERS))
+        baseline = statistics.median(rates[CONTENDERS[0]])
+        for contender in CONTENDERS:
+            median = statistics.median(rates[contender])
+            results.append({
+                "setting": name, "contender": contender, "data": source,
+                "it_s": median, "min": min(rates[contender]), "max": max(rates[contender]),
+                "tasks_s": median * setting.meta_batch_size, "ratio": median / baseline,
+                "peak_mib": memory.get(contender),
+            })
+        del steps
+    _report(results, hardware, options)
+    return results
+
+
+def _report(results: list[dict], hardware: str, options: dict) -> None:
+    columns = ["setting", "contender", "it/s (median)", "min-max", "tasks/s", "× plain l2l",
+               "peak GPU MiB"]
+    rows = [[r["setting"], r["contender"], f"{r['it_s']:.2f}", f"{r['min']:.2f}-{r['max']:.2f}",
+             f"{r['tasks_s']:.1f}", f"{r['ratio']:.1f}×",
+             "-" if r["peak_mib"] is None else f"{r['peak_mib']:.0f}"] for r in results]
+    console.print_table(f"Meta-training throughput, second-order MAML ({hardware})", columns, rows)
+    if not options["output"]:
+        return
+    command = "mamlrun bench " + " ".join(f"{k}={v}" for k, v in options.items() if v)
+    lines = [
+        f"## {hardware}",
+        "",
+        f"`{command}` ({time.strftime('%Y-%m-%d')}; {options['repeats']} interleaved repeats of "
+        f"at least {options['seconds']} s each; median, min-max).",
+        "",
+        "| " + " | ".join(columns) + " |",
+        "|" + " --- |" * len(columns),
+        *("| " + " | ".join(row) + " |" for row in rows),
+        "",
+        "Data: " + "; ".join(sorted({f"{r['setting']}: {r['data']}" for r in results})) + ".",
+        "",
+    ]
+    path = Path(options["output"])
+    path.parent.mkdir(parents=True, exist_ok=True)
+    text = path.read_text() if path.exists() else _DOC_HEADER
+    # One section per hardware: a rerun on the same hardware replaces its section.
+    sections = text.split("\n## ")
+    kept = [sections[0].rstrip("\n")] + [
+        "## " + s.rstrip("\n") for s in sections[1:] if not s.startswith(hardware)
+    ]
+    path.write_text("\n\n".join([*kept, "\n".join(lines)]))
+    console.info(f"wrote {path}")
+
+
+def main(args: list[str]) -> None:
+    try:
+        run_bench(args)
+    except UserError as err:
+        print(f"mamlrun bench: error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None

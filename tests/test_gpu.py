@@ -1,0 +1,41 @@
+"""CUDA checks, run on a GPU machine (`pytest -m gpu`); skipped where there is no GPU."""
+
+import copy
+
+import pytest
+import torch
+
+from conftest import QUICK, read_jsonl, run_mamlrun
+from mamlrun.engine import Learn2LearnEngine
+from mamlrun.fewshot import TensorClassificationTasks
+from mamlrun.models import conv4
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
+]
+
+
+def test_vmap_engine_matches_learn2learn_on_cuda():
+    from mamlrun.vmap_engine import VmapEngine
+
+    images = torch.randint(0, 256, (40, 20, 28, 28), dtype=torch.uint8)
+    sampler = TensorClassificationTasks(images, range(40), 5, 1, 1, rotations=True, device="cuda")
+    batch = sampler.sample(8)
+    torch.manual_seed(0)
+    model = conv4((1, 28, 28), 5).cuda()
+    twin = copy.deepcopy(model)
+    reference = Learn2LearnEngine(model, 0.4).meta_backward(batch, 1)
+    fast = VmapEngine(twin, 0.4).meta_backward(batch, 1)
+    assert fast["loss_post"] == pytest.approx(reference["loss_post"], rel=1e-4)
+    for a, b in zip(model.parameters(), twin.parameters(), strict=True):
+        torch.testing.assert_close(b.grad, a.grad, rtol=1e-3, atol=1e-5)
+
+
+def test_train_on_cuda_end_to_end(tmp_path):
+    run_dir = tmp_path / "cuda_run"
+    run_mamlrun("train", "hardware=cuda", "algorithm.engine=vmap", "train.iterations=200",
+                "algorithm.meta_lr=0.01", *QUICK, f"hydra.run.dir={run_dir}", cwd=tmp_path)
+    val = [r for r in read_jsonl(run_dir / "metrics.jsonl") if r["split"] == "val"][-1]
+    assert val["mse_step10"] < val["mse_step0"]
+    assert (run_dir / "eval.json").is_file()
