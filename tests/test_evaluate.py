@@ -34,10 +34,10 @@ def test_headline_and_table_report_every_step_and_setting():
 
 
 def test_diverged_tasks_are_counted_not_hidden():
-    values = torch.tensor([[1.0, 0.5], [2.0, float("inf")], [3.0, float("nan")], [4.0, 0.7]])
+    values = torch.tensor([[1.0, 0.5], [2.0, float("inf")], [3.0, float("nan")], [4.0, 0.75]])
     stats = summarize(values)
     assert stats["diverged"] == [0, 2]
     assert not math.isfinite(stats["mean"][1]), "a diverged task must not vanish from the mean"
-    assert stats["median"] == [2.0, 0.7]  # nan ranks as +inf; torch takes the lower middle
+    assert stats["median"] == [2.0, 0.75]  # nan ranks as +inf; torch takes the lower middle
     report = {"metric": "mse", "inner_steps": 1, "results": {"K=5": {"mse": stats}}}
     assert "(2 diverged" in table_rows(report)[1][0][2]
