@@ -104,8 +104,9 @@ def _model(setting: Setting) -> torch.nn.Module:
         return mlp((1,), 1, hidden=[40, 40])
     if setting.name.startswith("omniglot"):
         return conv4((1, 28, 28), setting.ways)
-    return conv4((3, 84, 84), setting.ways, filters=32, pooling="max", head="flatten",
-                 head_init="xavier")
+    return conv4(
+        (3, 84, 84), setting.ways, filters=32, pooling="max", head="flatten", head_init="xavier"
+    )
 
 
 def _plain_learn2learn(setting: Setting, images, device) -> Callable[[], None]:
@@ -184,8 +185,14 @@ def _mamlrun_step(setting: Setting, images, device, engine_name: str) -> Callabl
         sampler = SinusoidTasks(setting.shots, setting.query_shots, seed=0, device=device)
     else:
         sampler = TensorClassificationTasks(
-            images, range(len(images)), setting.ways, setting.shots, setting.query_shots,
-            rotations=setting.name.startswith("omniglot"), seed=0, device=device,
+            images,
+            range(len(images)),
+            setting.ways,
+            setting.shots,
+            setting.query_shots,
+            rotations=setting.name.startswith("omniglot"),
+            seed=0,
+            device=device,
         )
 
     def step() -> None:
@@ -218,14 +225,23 @@ def hardware_description(device: torch.device) -> str:
             if line.startswith("model name"):
                 cpu = line.split(":", 1)[1].strip()
                 break
-    return (f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__}, "
-            f"{torch.get_num_threads()} thread(s)")
+    return (
+        f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__}, "
+        f"{torch.get_num_threads()} thread(s)"
+    )
 
 
 def run_bench(args: list[str]) -> list[dict]:
     """`mamlrun bench [settings=a,b] [repeats=5] [seconds=3] [device=cpu] [output=docs/...]`."""
-    options = {"settings": ",".join(SETTINGS), "repeats": "5", "seconds": "3", "device": "cpu",
-               "threads": "1", "output": "docs/benchmarks.md", "omniglot_root": ""}
+    options = {
+        "settings": ",".join(SETTINGS),
+        "repeats": "5",
+        "seconds": "3",
+        "device": "cpu",
+        "threads": "1",
+        "output": "docs/benchmarks.md",
+        "omniglot_root": "",
+    }
     for arg in args:
         key, sep, value = arg.partition("=")
         if not sep or key not in options:
@@ -236,8 +252,12 @@ def run_bench(args: list[str]) -> list[dict]:
         if name not in SETTINGS:
             raise UserError(f"settings={name}: unknown (choose from {', '.join(SETTINGS)})")
     device = builders.select_device(
-        Hardware(name="bench", device=options["device"], threads=int(options["threads"]),
-                 deterministic=False)
+        Hardware(
+            name="bench",
+            device=options["device"],
+            threads=int(options["threads"]),
+            deterministic=False,
+        )
     )
     root = options["omniglot_root"] or os.environ.get("MAMLRUN_DATA")
     hardware = hardware_description(device)
@@ -245,8 +265,10 @@ def run_bench(args: list[str]) -> list[dict]:
     results = []
     for name in names:
         setting = SETTINGS[name]
-        images, source = (None, "sampled on the fly") if setting.ways == 0 else _images(
-            setting, Path(root).expanduser() if root else None
+        images, source = (
+            (None, "sampled on the fly")
+            if setting.ways == 0
+            else _images(setting, Path(root).expanduser() if root else None)
         )
         steps = {
             "learn2learn example": _plain_learn2learn(setting, images, device),
@@ -267,28 +289,53 @@ def run_bench(args: list[str]) -> list[dict]:
                 if device.type == "cuda":
                     peak = torch.cuda.max_memory_allocated(device) / 2**20
                     memory[contender] = max(memory.get(contender, 0.0), peak)
-            console.info(f"{name}: repeat {repeat + 1}/{options['repeats']} " + ", ".join(
-                f"{c} {rates[c][-1]:.2f} it/s" for c in CONTENDERS))
+            console.info(
+                f"{name}: repeat {repeat + 1}/{options['repeats']} "
+                + ", ".join(f"{c} {rates[c][-1]:.2f} it/s" for c in CONTENDERS)
+            )
         baseline = statistics.median(rates[CONTENDERS[0]])
         for contender in CONTENDERS:
             median = statistics.median(rates[contender])
-            results.append({
-                "setting": name, "contender": contender, "data": source,
-                "it_s": median, "min": min(rates[contender]), "max": max(rates[contender]),
-                "tasks_s": median * setting.meta_batch_size, "ratio": median / baseline,
-                "peak_mib": memory.get(contender),
-            })
+            results.append(
+                {
+                    "setting": name,
+                    "contender": contender,
+                    "data": source,
+                    "it_s": median,
+                    "min": min(rates[contender]),
+                    "max": max(rates[contender]),
+                    "tasks_s": median * setting.meta_batch_size,
+                    "ratio": median / baseline,
+                    "peak_mib": memory.get(contender),
+                }
+            )
         del steps
     _report(results, hardware, options)
     return results
 
 
 def _report(results: list[dict], hardware: str, options: dict) -> None:
-    columns = ["setting", "contender", "it/s (median)", "min-max", "tasks/s", "× plain l2l",
-               "peak GPU MiB"]
-    rows = [[r["setting"], r["contender"], f"{r['it_s']:.2f}", f"{r['min']:.2f}-{r['max']:.2f}",
-             f"{r['tasks_s']:.1f}", f"{r['ratio']:.1f}×",
-             "-" if r["peak_mib"] is None else f"{r['peak_mib']:.0f}"] for r in results]
+    columns = [
+        "setting",
+        "contender",
+        "it/s (median)",
+        "min-max",
+        "tasks/s",
+        "× plain l2l",
+        "peak GPU MiB",
+    ]
+    rows = [
+        [
+            r["setting"],
+            r["contender"],
+            f"{r['it_s']:.2f}",
+            f"{r['min']:.2f}-{r['max']:.2f}",
+            f"{r['tasks_s']:.1f}",
+            f"{r['ratio']:.1f}×",
+            "-" if r["peak_mib"] is None else f"{r['peak_mib']:.0f}",
+        ]
+        for r in results
+    ]
     console.print_table(f"Meta-training throughput, second-order MAML ({hardware})", columns, rows)
     if not options["output"]:
         return

@@ -117,7 +117,7 @@ class Algorithm:
         default_factory=lambda: {"_target_": "torch.optim.Adam", "_partial_": True}
     )
     grad_clip: float | None = None
-    engine: str = "learn2learn"
+    engine: str = "vmap"
 
 
 ENGINES = ("vmap", "learn2learn")

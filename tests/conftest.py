@@ -10,7 +10,10 @@ from pathlib import Path
 
 import pytest
 
-MAMLRUN = Path(sys.executable).with_name("mamlrun")
+# The installed console script, as users run it; `python -m mamlrun` where there is none (the
+# GPU machines install mamlrun into a target folder without scripts).
+_SCRIPT = Path(sys.executable).with_name("mamlrun")
+MAMLRUN = [str(_SCRIPT)] if _SCRIPT.exists() else [sys.executable, "-m", "mamlrun"]
 
 # Small settings for a run that finishes in seconds; tests add what they check on top.
 QUICK = [
@@ -30,7 +33,7 @@ def run_mamlrun(*args: str, cwd: Path, expect_ok: bool = True, timeout: int = 60
     env = {**os.environ, "WANDB_SILENT": "true", "COLUMNS": "160"}
     env.pop("WANDB_MODE", None)
     result = subprocess.run(
-        [str(MAMLRUN), *args], cwd=cwd, capture_output=True, text=True, timeout=timeout, env=env
+        [*MAMLRUN, *args], cwd=cwd, capture_output=True, text=True, timeout=timeout, env=env
     )
     if expect_ok and result.returncode != 0:
         raise AssertionError(

@@ -149,8 +149,12 @@ def test_every_paper_preset_composes_and_validates(preset):
     assert dataset.name in preset
     if dataset.name == "omniglot":
         expected = (0.4, 1, 3, 32) if dataset.ways == 5 else (0.1, 5, 5, 16)
-        assert (algorithm.inner_lr, algorithm.inner_steps, algorithm.test_inner_steps,
-                algorithm.meta_batch_size) == expected
+        assert (
+            algorithm.inner_lr,
+            algorithm.inner_steps,
+            algorithm.test_inner_steps,
+            algorithm.meta_batch_size,
+        ) == expected
         assert f"{dataset.ways}w{dataset.shots}s" in preset
     if dataset.name == "miniimagenet":
         assert algorithm.grad_clip == 10 and dataset.train_query_shots == 15

@@ -34,8 +34,16 @@ def test_vmap_engine_matches_learn2learn_on_cuda():
 
 def test_train_on_cuda_end_to_end(tmp_path):
     run_dir = tmp_path / "cuda_run"
-    run_mamlrun("train", "hardware=cuda", "algorithm.engine=vmap", "train.iterations=200",
-                "algorithm.meta_lr=0.01", *QUICK, f"hydra.run.dir={run_dir}", cwd=tmp_path)
+    run_mamlrun(
+        "train",
+        "hardware=cuda",
+        "algorithm.engine=vmap",
+        "train.iterations=200",
+        "algorithm.meta_lr=0.01",
+        *QUICK,
+        f"hydra.run.dir={run_dir}",
+        cwd=tmp_path,
+    )
     val = [r for r in read_jsonl(run_dir / "metrics.jsonl") if r["split"] == "val"][-1]
     assert val["mse_step10"] < val["mse_step0"]
     assert (run_dir / "eval.json").is_file()

@@ -1,0 +1,236 @@
+"""A vectorized MAML engine: all tasks of a meta-batch in one call, with `torch.func`.
+
+`Learn2LearnEngine` clones the model and runs forward / backward once per task, so small models
+spend most of their time in Python and dispatch overhead. `VmapEngine` computes the same numbers
+with one batched forward per inner step for the whole meta-batch:
+
+- the meta-parameters are expanded to per-task copies [tasks, *shape] (views, no copy), so each
+  task adapts its own parameters while backward still sums their gradients into the shared ones;
+- `torch.func.functional_call` runs the model on those parameters and `torch.func.vmap` maps it
+  over the tasks (support / query tensors on dim 0), so batch norm keeps per-task statistics;
+- tasks do not interact, so the gradient of the mean task loss w.r.t. one task's copies is that
+  task's own gradient over the number of tasks: one `torch.autograd.grad` on the batched tensors
+  gives every task's inner gradient, with `create_graph=True` for second-order MAML and as a
+  constant for first-order MAML. Measured on CPU, this is faster than nesting `torch.func.grad`
+  inside `vmap` (about 10% on the sinusoid MLP).
+
+The results equal `Learn2LearnEngine`'s (tests/test_engine_equivalence.py). On a CPU it is about
+10x faster for the sinusoid MLP, but only 1.2-1.6x for conv4, whose convolutions cost the same
+arithmetic in both engines.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+import torch
+from torch import nn
+from torch.func import functional_call, vmap
+
+from mamlrun.engine import TASK_TYPES, LossFn
+from mamlrun.errors import UserError
+from mamlrun.tasks import TaskBatch
+
+_FIX = "use algorithm.engine=learn2learn"
+# Words in the RuntimeErrors torch raises when vmap cannot batch a model's operations.
+_VMAP_ERROR_WORDS = ("vmap", "batched", "functorch", "torch.func")
+
+
+def _check_vmappable(model: nn.Module) -> None:
+    """Reject up front what vmap can never run: modules that update running statistics in place.
+
+    Raises:
+        UserError: naming the module and the fix.
+    """
+    for name, module in model.named_modules():
+        if isinstance(module, nn.modules.batchnorm._NormBase) and module.track_running_stats:
+            raise UserError(
+                f"model module {name or type(module).__name__!r} ({type(module).__name__} with "
+                "track_running_stats=True) updates running statistics in place, so the model "
+                f"cannot run under algorithm.engine=vmap; {_FIX} (or use batch norm without "
+                "running statistics, like mamlrun.models.BatchStatNorm)"
+            )
+
+
+@contextlib.contextmanager
+def _vmap_errors() -> Iterator[None]:
+    """Turn torch's "vmap cannot batch this" errors into a UserError with the fix."""
+    try:
+        yield
+    except RuntimeError as error:
+        if not any(word in str(error) for word in _VMAP_ERROR_WORDS):
+            raise
+        raise UserError(
+            f"the model cannot run under algorithm.engine=vmap ({str(error).splitlines()[0]}); "
+            f"{_FIX}"
+        ) from error
+
+
+def _batch_mean(fn: LossFn, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """The mean over tasks of `fn` per task, in one call on [tasks, examples, ...] tensors.
+
+    Every loss and metric of TASK_TYPES is a mean over a task's examples, and all tasks of a batch
+    have as many examples, so the mean of the per-task means is the mean over all examples: no
+    per-task call (or vmap) is needed.
+    """
+    return fn(outputs.flatten(0, 1), targets.flatten(0, 1))
+
+
+class VmapEngine:
+    """MAML with the tasks of a meta-batch vectorized by `torch.func.vmap`.
+
+    Same interface and results as `Learn2LearnEngine`. The model must be runnable by
+    `torch.func.functional_call` and batchable by `vmap`: no in-place buffer updates (batch norm
+    with running statistics), no data-dependent Python control flow, no `.item()` in `forward`;
+    otherwise a UserError says to use the learn2learn engine.
+
+    Args:
+        model: any such `nn.Module`; its parameters are the meta-parameters.
+        inner_lr: alpha, the step size of each adaptation step (plain SGD on all parameters).
+        first_order: drop the second-order terms of the meta-gradient (FOMAML).
+        task_type: "regression" (MSE) or "classification" (cross-entropy, accuracy).
+        curve_chunk: tasks adapted at once by `adaptation_curve`, to bound its memory.
+
+    Example:
+        >>> engine = VmapEngine(model, inner_lr=0.01, first_order=False)
+        >>> stats = engine.meta_backward(batch, inner_steps=1)  # gradients now in model.grad
+        >>> optimizer.step()
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        inner_lr: float,
+        first_order: bool = False,
+        task_type: str = "regression",
+        curve_chunk: int = 100,
+    ) -> None:
+        _check_vmappable(model)
+        self.model = model
+        self.inner_lr = inner_lr
+        self.first_order = first_order
+        self.task_type = task_type
+        losses_and_metric = TASK_TYPES[task_type]
+        self.loss_fn, self.metric_name, self.metric_fn, self.higher_is_better = losses_and_metric
+        self.curve_chunk = curve_chunk
+        self._names = [name for name, _ in model.named_parameters()]
+        # Untying shared weights costs time on every call; only do it for models that have them.
+        self._tied = len(list(model.named_parameters(remove_duplicate=False))) > len(self._names)
+        # Per-task parameters and inputs on dim 0; "different" gives each task its own dropout
+        # mask, as separate calls would.
+        self._vmapped = vmap(self._call, randomness="different")
+        self._vmapped_query = vmap(self._query_outputs, randomness="different")
+
+    def _call(self, params: list[torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+        named = dict(zip(self._names, params, strict=True))
+        return functional_call(self.model, named, (x,), tie_weights=self._tied)
+
+    def _query_outputs(
+        self, params: list[torch.Tensor], query_x: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Query outputs before adaptation (no graph) and after, in one vmap call.
+
+        On small models the fixed cost of a vmap call is as large as the forward itself. "Before"
+        uses the meta-parameters, which are the module's own: no `functional_call` needed.
+        """
+        with torch.no_grad():
+            before = self.model(query_x)
+        return before, self._call(params, query_x)
+
+    def _per_task(self, tasks: int, detach: bool = False) -> list[torch.Tensor]:
+        """The meta-parameters as per-task views [tasks, *shape]; backward sums them over tasks."""
+        return [
+            (p.detach() if detach else p).expand(tasks, *p.shape) for p in self.model.parameters()
+        ]
+
+    def _inner_step(
+        self,
+        params: list[torch.Tensor],
+        support_x: torch.Tensor,
+        support_y: torch.Tensor,
+        create_graph: bool,
+    ) -> list[torch.Tensor]:
+        """One SGD step of every task on its support set: theta' = theta - alpha * grad."""
+        # Gradients of the mean over tasks: each task's own gradient / tasks, hence the step size.
+        loss = _batch_mean(self.loss_fn, self._vmapped(params, support_x), support_y)
+        grads = torch.autograd.grad(loss, params, create_graph=create_graph)
+        step = -self.inner_lr * len(support_x)
+        return [p.add(g, alpha=step) for p, g in zip(params, grads, strict=True)]
+
+    def meta_backward(self, batch: TaskBatch, inner_steps: int) -> dict[str, float]:
+        """Accumulate the meta-gradient of the mean query loss over the batch into `.grad`.
+
+        All tasks are adapted together, so the graph of the whole meta-batch is alive at once
+        (more memory than the learn2learn engine, which backpropagates task by task).
+
+        Returns:
+            query loss (and metric) of the batch before and after adaptation, averaged over tasks.
+        """
+        support_x, support_y, query_x, query_y = batch.tensors()
+        with _vmap_errors():
+            params = self._per_task(len(batch))
+            for _ in range(inner_steps):
+                params = self._inner_step(
+                    params, support_x, support_y, create_graph=not self.first_order
+                )
+            outputs_pre, outputs = self._vmapped_query(params, query_x)
+            query_loss = _batch_mean(self.loss_fn, outputs, query_y)
+            query_loss.backward()
+        loss_pre = _batch_mean(self.loss_fn, outputs_pre, query_y)
+        if self.metric_fn is self.loss_fn:  # regression: the metric is the loss
+            stats = (loss_pre, query_loss.detach(), loss_pre, query_loss.detach())
+        else:
+            metric_pre = _batch_mean(self.metric_fn, outputs_pre, query_y)
+            metric_post = _batch_mean(self.metric_fn, outputs.detach(), query_y)
+            stats = (loss_pre, query_loss.detach(), metric_pre, metric_post)
+        values = torch.stack(stats).tolist()  # one device sync for the four numbers
+        keys = ("loss_pre", "loss_post", "metric_pre", "metric_post")
+        return dict(zip(keys, values, strict=True))
+
+    def _adapted(
+        self, support_x: torch.Tensor, support_y: torch.Tensor, steps: int
+    ) -> Iterator[list[torch.Tensor]]:
+        """Per-task parameters after 0, 1, ..., steps first-order steps (detached: test time)."""
+        params = self._per_task(len(support_x), detach=True)
+        yield params
+        for _ in range(steps):
+            # Values equal the second-order path; no graph through the steps is needed.
+            params = [p.requires_grad_() for p in params]
+            with torch.enable_grad():
+                params = self._inner_step(params, support_x, support_y, create_graph=False)
+            params = [p.detach() for p in params]
+            yield params
+
+    def adaptation_curve(self, batch: TaskBatch, steps: int) -> dict[str, torch.Tensor]:
+        """Query loss and metric after 0..steps adaptation steps, per task: [tasks, steps + 1].
+
+        Tasks are adapted `curve_chunk` at a time; the meta-parameters are not modified.
+        """
+        loss = torch.empty(len(batch), steps + 1)
+        metric = torch.empty(len(batch), steps + 1)
+        per_task_loss = vmap(self.loss_fn)
+        per_task_metric = vmap(self.metric_fn)
+        with _vmap_errors():
+            for start in range(0, len(batch), self.curve_chunk):
+                stop = min(start + self.curve_chunk, len(batch))
+                support_x, support_y, query_x, query_y = batch.slice(start, stop).tensors()
+                for step, params in enumerate(self._adapted(support_x, support_y, steps)):
+                    with torch.no_grad():
+                        outputs = self._vmapped(params, query_x)
+                        loss[start:stop, step] = per_task_loss(outputs, query_y).cpu()
+                        metric[start:stop, step] = per_task_metric(outputs, query_y).cpu()
+        return {"loss": loss, self.metric_name: metric}
+
+    def predictions(
+        self, support_x: torch.Tensor, support_y: torch.Tensor, x: torch.Tensor, steps: list[int]
+    ) -> dict[int, torch.Tensor]:
+        """Outputs on `x` of the model adapted to one task's support set, for each step count."""
+        outputs: dict[int, torch.Tensor] = {}
+        with _vmap_errors():
+            adapted = self._adapted(support_x.unsqueeze(0), support_y.unsqueeze(0), max(steps))
+            for step, params in enumerate(adapted):
+                if step in steps:
+                    with torch.no_grad():
+                        outputs[step] = self._vmapped(params, x.unsqueeze(0))[0]
+        return outputs
