@@ -46,7 +46,6 @@ with contextlib.redirect_stderr(io.StringIO()):
 from learn2learn.data.transforms import ConsecutiveLabels, KShots, LoadData, NWays, RemapLabels
 from learn2learn.vision.transforms import RandomClassRotation
 
-
 _DOC_HEADER = """# Benchmarks
 
 Meta-training throughput, written by `mamlrun bench` (see `mamlrun/bench.py` for what each
@@ -171,7 +170,7 @@ def _plain_learn2learn(setting: Setting, images, device) -> Callable[[], None]:
 
 
 def _mamlrun_step(setting: Setting, images, device, engine_name: str) -> Callable[[], None]:
-    """One meta-iteration of mamlrun's training loop with the given engine and its tensor sampler."""
+    """One meta-iteration of mamlrun's training loop: the given engine, the tensor sampler."""
     model = _model(setting).to(device)
     task_type = "regression" if setting.ways == 0 else "classification"
     if engine_name == "vmap":
