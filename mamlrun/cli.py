@@ -15,7 +15,14 @@ from pathlib import Path
 
 from mamlrun.errors import UserError
 
-CONFIG_PATH = "pkg://mamlrun.conf"
+def _config_path() -> str:
+    """The installed configs (`mamlrun.conf`), or the checkout's `conf/` when mamlrun runs from a
+    source tree that is not installed (`python -m mamlrun` inside the repository)."""
+    import importlib.util
+
+    if importlib.util.find_spec("mamlrun.conf") is not None:
+        return "pkg://mamlrun.conf"
+    return str(Path(__file__).resolve().parents[1] / "conf")
 
 EXAMPLES = textwrap.dedent(
     """\
@@ -46,7 +53,7 @@ def _hydra_command(config_name: str, task: Callable) -> Callable[[], None]:
     def entry() -> None:
         import hydra
 
-        hydra.main(config_path=CONFIG_PATH, config_name=config_name, version_base="1.3")(
+        hydra.main(config_path=_config_path(), config_name=config_name, version_base="1.3")(
             task_function
         )()
 

@@ -16,7 +16,17 @@ pytestmark = [
 ]
 
 
-def test_vmap_engine_matches_learn2learn_on_cuda():
+@pytest.fixture
+def exact_float32():
+    """cuDNN convolutions default to TF32 on Ampere and newer, which rounds differently for the
+    batched (vmap) and per-task convolutions; compare in true float32."""
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    yield
+    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+
+
+def test_vmap_engine_matches_learn2learn_on_cuda(exact_float32):
     from mamlrun.vmap_engine import VmapEngine
 
     images = torch.randint(0, 256, (40, 20, 28, 28), dtype=torch.uint8)
@@ -25,8 +35,8 @@ def test_vmap_engine_matches_learn2learn_on_cuda():
     torch.manual_seed(0)
     model = conv4((1, 28, 28), 5).cuda()
     twin = copy.deepcopy(model)
-    reference = Learn2LearnEngine(model, 0.4).meta_backward(batch, 1)
-    fast = VmapEngine(twin, 0.4).meta_backward(batch, 1)
+    reference = Learn2LearnEngine(model, 0.4, task_type="classification").meta_backward(batch, 1)
+    fast = VmapEngine(twin, 0.4, task_type="classification").meta_backward(batch, 1)
     assert fast["loss_post"] == pytest.approx(reference["loss_post"], rel=1e-4)
     for a, b in zip(model.parameters(), twin.parameters(), strict=True):
         torch.testing.assert_close(b.grad, a.grad, rtol=1e-3, atol=1e-5)
@@ -45,5 +55,5 @@ def test_train_on_cuda_end_to_end(tmp_path):
         cwd=tmp_path,
     )
     val = [r for r in read_jsonl(run_dir / "metrics.jsonl") if r["split"] == "val"][-1]
-    assert val["mse_step10"] < val["mse_step0"]
+    assert val["mse_step1"] < 0.8 * val["mse_step0"]
     assert (run_dir / "eval.json").is_file()
