@@ -176,6 +176,8 @@ def run_train(cfg: DictConfig) -> float:
                     if metric == "mse":  # the metric is the loss: do not log it twice
                         means = {k: v for k, v in means.items() if not k.startswith("metric")}
                     means = {k.replace("metric", metric): v for k, v in means.items()}
+                    if device.type == "cuda":
+                        means["gpu_peak_mib"] = torch.cuda.max_memory_allocated(device) / 2**20
                     tracker.log(
                         prefixed("train", metrics.write(iteration, "train", means)), iteration
                     )
