@@ -22,6 +22,7 @@ def test_same_seed_same_metrics_and_resume_equals_an_uninterrupted_run(tmp_path)
     )
     assert "resuming" in resumed.stdout and "from iteration 20" in resumed.stdout
 
+    assert not (whole / "wandb").exists(), "logger=none must not touch wandb"
     reference = read_jsonl(whole / "metrics.jsonl")
     assert read_jsonl(again / "metrics.jsonl") == reference
     assert read_jsonl(split / "metrics.jsonl") == reference
