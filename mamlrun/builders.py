@@ -6,6 +6,7 @@ always build a run the same way.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import random
 from pathlib import Path
@@ -142,6 +143,12 @@ def model_for(model_cfg: Any, dataset: Any) -> nn.Module:
 
 def engine_for(model: nn.Module, algorithm: Algorithm, dataset: Any) -> Learn2LearnEngine:
     """The engine chosen by `algorithm.engine`; both compute the same MAML updates."""
+    if algorithm.name == "pretrain":  # trains differently, adapts at test exactly as MAML
+        from mamlrun.pretrain import PretrainEngine
+
+        return PretrainEngine(
+            engine_for(model, dataclasses.replace(algorithm, name="maml"), dataset)
+        )
     if algorithm.engine == "vmap":
         from mamlrun.vmap_engine import VmapEngine
 

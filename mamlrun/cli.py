@@ -15,6 +15,7 @@ from pathlib import Path
 
 from mamlrun.errors import UserError
 
+
 def _config_path() -> str:
     """The installed configs (`mamlrun.conf`), or the checkout's `conf/` when mamlrun runs from a
     source tree that is not installed (`python -m mamlrun` inside the repository)."""
@@ -23,6 +24,7 @@ def _config_path() -> str:
     if importlib.util.find_spec("mamlrun.conf") is not None:
         return "pkg://mamlrun.conf"
     return str(Path(__file__).resolve().parents[1] / "conf")
+
 
 EXAMPLES = textwrap.dedent(
     """\
@@ -88,6 +90,28 @@ def _bench(args: list[str]) -> None:
     bench_main(args)
 
 
+def _reproduce(args: list[str]) -> None:
+    from mamlrun.reproduce import run_reproduce
+
+    try:
+        status = run_reproduce(args)
+    except UserError as err:
+        print(f"mamlrun reproduce: error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
+    if status:
+        raise SystemExit(status)
+
+
+def _report(args: list[str]) -> None:
+    from mamlrun.report import run_report
+
+    try:
+        run_report(args)
+    except UserError as err:
+        print(f"mamlrun report: error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
 def _with_argv(name: str, entry: Callable[[], None]) -> Callable[[list[str]], None]:
     """Hydra parses sys.argv itself: hand it the arguments after the subcommand."""
 
@@ -112,6 +136,14 @@ COMMANDS: dict[str, tuple[str, Callable[[list[str]], None]]] = {
     ),
     "data": ("prepare or verify a dataset: data {prepare,verify} dataset=omniglot", _data),
     "bench": ("meta-training throughput vs a plain learn2learn loop (docs/benchmarks.md)", _bench),
+    "reproduce": (
+        "rerun a paper table and compare: reproduce {omniglot,miniimagenet,sinusoid,all}",
+        _reproduce,
+    ),
+    "report": (
+        "tables from finished runs: report <multirun dir | run dirs...> [--out DIR]",
+        _report,
+    ),
 }
 
 

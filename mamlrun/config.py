@@ -184,7 +184,7 @@ DATASETS: dict[str, type] = {
     "miniimagenet": ImageDataset,
 }
 MODELS: dict[str, type] = {"mlp": MLPModel, "conv4": Conv4Model}
-ALGORITHMS: dict[str, type] = {"maml": Algorithm, "fomaml": Algorithm}
+ALGORITHMS: dict[str, type] = {"maml": Algorithm, "fomaml": Algorithm, "pretrain": Algorithm}
 HARDWARE: dict[str, type] = {"cpu": Hardware, "cuda": Hardware}
 LOGGERS: dict[str, type] = {"wandb": WandbLogger, "none": NoLogger}
 
@@ -202,6 +202,7 @@ TOP_LEVEL: dict[str, dict[str, Any]] = {
         "seed": int,
         "resume": (str, type(None)),
         "print_config": bool,
+        "budget": (float, int),
         "paper": PaperReference,
         "train": TrainLoop,
         "eval": EvalSettings,
@@ -281,11 +282,15 @@ def validate(cfg: DictConfig, primary: str = "train") -> dict[str, Any]:
         else:
             if OmegaConf.is_missing(cfg, key):
                 raise ConfigError(f"{key}: required; pass {key}=<value> on the command line")
-            value = cfg.get(key)
+            value = cfg.get(key, 1.0) if key == "budget" else cfg.get(key)  # older runs: 1.0
             if not isinstance(value, kind) or isinstance(value, bool) and kind is int:
                 raise ConfigError(f"{key}: expected {_kind_name(kind)}, got {value!r}")
             typed[key] = value
     _check_values(typed)
+    loop = typed.get("train")
+    if isinstance(loop, TrainLoop) and loop.iterations and typed.get("budget", 1.0) < 1:
+        # The one place `budget` acts: a fraction of the configured iterations (at least 1).
+        loop.iterations = max(1, round(loop.iterations * typed["budget"]))
     return typed
 
 
@@ -361,6 +366,10 @@ def _check_values(typed: dict[str, Any]) -> None:
         )
         _check(model.activation in ("relu", "tanh"), "model.activation", "choose relu or tanh")
         _check(model.init in ("authors", "torch"), "model.init", "choose authors or torch")
+    if "budget" in typed:
+        budget = typed["budget"]
+        ok = not isinstance(budget, bool) and 0 < budget <= 1
+        _check(ok, "budget", f"must be > 0 and <= 1, got {budget}")
     train = typed.get("train")
     if isinstance(train, TrainLoop):
         _check(train.iterations >= 0, "train.iterations", f"must be >= 0, got {train.iterations}")

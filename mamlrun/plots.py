@@ -35,10 +35,8 @@ def learning_curves(rows: list[dict[str, Any]], run_dir: Path, metric: str) -> P
         )
         for step in (steps[0], 1, steps[-1]):
             if step in steps:
-                key = f"{metric}_step{step}"
-                ax_val.plot(
-                    [r["iteration"] for r in val], [r[key] for r in val], label=f"{step} steps"
-                )
+                key, label = f"{metric}_step{step}", f"{step} step{'s' * (step != 1)}"
+                ax_val.plot([r["iteration"] for r in val], [r[key] for r in val], label=label)
         ax_val.set(xlabel="iteration", ylabel=f"validation {metric}", title="validation")
     for ax in (ax_train, ax_val):
         if ax.has_data():
@@ -120,3 +118,42 @@ def evaluation_plots(
             )
         )
     return paths
+
+
+def adaptation_comparison(
+    curves: dict[str, dict[str, list[float]]],
+    references: dict[str, tuple[list[int], list[float]]],
+    metric: str,
+    title: str,
+    path: Path,
+) -> Path:
+    """Test metric (mean ± 95% CI) vs adaptation steps for several runs, with the paper's numbers
+    as crosses in the same color (paper Figure 3: MAML against the pretrained baseline).
+
+    Args:
+        curves: label -> eval.json statistics of one setting (`mean`, `ci95` per step).
+        references: label -> (steps, values) the paper reports for that run.
+    """
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for label, stats in curves.items():
+        mean, ci = torch.tensor(stats["mean"]), torch.tensor(stats["ci95"])
+        steps = torch.arange(len(mean))
+        (line,) = ax.plot(steps, mean, marker="o", label=f"{label} (mamlrun)")
+        ax.fill_between(steps, mean - ci, mean + ci, alpha=0.2, color=line.get_color())
+        if label in references:
+            ref_steps, values = references[label]
+            ax.plot(
+                ref_steps,
+                values,
+                "x",
+                markersize=9,
+                color=line.get_color(),
+                label=f"{label} (paper)",
+            )
+    ax.set(xlabel="number of gradient steps", ylabel=f"test {metric}", title=title)
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path

@@ -1,0 +1,170 @@
+"""The pretrained baseline, `budget`, `mamlrun reproduce` and `mamlrun report`."""
+
+import csv
+import json
+import signal
+import subprocess
+import time
+
+import pytest
+import torch
+from hydra import compose, initialize_config_module
+
+from conftest import MAMLRUN, QUICK, run_mamlrun
+from mamlrun import builders
+from mamlrun.config import Algorithm, ConfigError, MLPModel, SinusoidDataset, validate
+from mamlrun.pretrain import PretrainEngine
+
+# A reproduce run in seconds: 14 of 70,000 iterations, 20 test tasks.
+TINY = [
+    "budget=0.0002",
+    "logger=none",
+    "print_config=false",
+    "train.val_tasks=20",
+    "eval.tasks=20",
+    "eval.plot_tasks=1",
+]
+
+
+@pytest.mark.parametrize("engine_name", ["vmap", "learn2learn"])
+def test_pretrain_engine_fits_all_tasks_and_adapts_exactly_like_maml(engine_name):
+    dataset = SinusoidDataset()
+    torch.manual_seed(0)
+    model = builders.model_for(MLPModel(), dataset)
+    algorithm = Algorithm(name="pretrain", inner_steps=0, engine=engine_name)
+    engine = builders.engine_for(model, algorithm, dataset)
+    assert isinstance(engine, PretrainEngine)
+    tasks = builders.task_sampler(dataset, "train", seed=0)
+
+    # The gradient is that of plain MSE on every point (support and query) of every task.
+    batch = tasks.sample(5)
+    stats = engine.meta_backward(batch, inner_steps=0)
+    grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    x = torch.cat([batch.support_x, batch.query_x], dim=1)
+    y = torch.cat([batch.support_y, batch.query_y], dim=1)
+    torch.nn.functional.mse_loss(model(x.flatten(0, 1)), y.flatten(0, 1)).backward()
+    for grad, p in zip(grads, model.parameters(), strict=True):
+        torch.testing.assert_close(grad, p.grad)
+    assert set(stats) == {"loss_pre", "loss_post", "metric_pre", "metric_post"}
+    assert stats["loss_pre"] == stats["loss_post"] == stats["metric_post"]
+
+    # Its supervised loss falls (measured on fixed held-out tasks: batches are noisy).
+    held_out = builders.task_sampler(dataset, "val", seed=2).sample(200)
+    before = engine.adaptation_curve(held_out, 0)["mse"].mean()
+    optimizer = builders.meta_optimizer(model, Algorithm(meta_lr=0.003))
+    for _ in range(150):
+        optimizer.zero_grad()
+        engine.meta_backward(tasks.sample(25), inner_steps=0)
+        optimizer.step()
+    after = engine.adaptation_curve(held_out, 0)["mse"].mean()
+    assert after < 0.9 * before, (before, after)
+
+    # At test time it is MAML: same fine-tuning steps, same numbers.
+    maml = builders.engine_for(model, Algorithm(name="maml", engine=engine_name), dataset)
+    test = builders.task_sampler(dataset, "test", seed=1, shots=5).sample(4)
+    ours, theirs = engine.adaptation_curve(test, 3), maml.adaptation_curve(test, 3)
+    assert torch.equal(ours["mse"], theirs["mse"])
+    assert not torch.equal(ours["mse"][:, 3], ours["mse"][:, 0]), "fine-tuning must change it"
+    support_x, support_y, query_x, _ = test.task(0)
+    assert torch.equal(
+        engine.predictions(support_x, support_y, query_x, [2])[2],
+        maml.predictions(support_x, support_y, query_x, [2])[2],
+    )
+
+
+def test_budget_scales_iterations_and_is_validated():
+    with initialize_config_module("mamlrun.conf", version_base="1.3"):
+        typed = validate(compose("train", ["experiment=finn2017/sinusoid_pretrained"]))
+        assert typed["budget"] == 1.0 and typed["train"].iterations == 70000
+        assert typed["algorithm"].name == "pretrain" and typed["paper"].value == [2.41, 2.23, 2.19]
+        assert validate(compose("train", ["budget=0.001"]))["train"].iterations == 70
+        assert validate(compose("train", ["budget=1e-9"]))["train"].iterations == 1
+        for bad in ("budget=0", "budget=1.5"):
+            with pytest.raises(ConfigError, match="budget: must be > 0 and <= 1"):
+                validate(compose("train", [bad]))
+
+
+def test_reproduce_dry_run_lists_the_cells_and_their_cost(tmp_path):
+    result = run_mamlrun("reproduce", "sinusoid", "--dry-run", "budget=0.001", cwd=tmp_path)
+    out = result.stdout
+    for text in ("sinusoid_maml", "sinusoid_pretrained", "1/10", "0/10", "0.01", "budget 0.001"):
+        assert text in out, text
+    assert "cost: 3,500 training tasks" in out  # 2 cells x 70 iterations x 25 tasks
+    assert not (tmp_path / "outputs").exists(), "a dry run must not run anything"
+    bad = run_mamlrun("reproduce", "sinusoid", "seed=1,2", cwd=tmp_path, expect_ok=False)
+    assert bad.returncode == 2 and "runs each cell once" in bad.stderr
+
+
+def test_reproduce_sinusoid_writes_the_comparison_and_reuses_finished_cells(tmp_path):
+    result = run_mamlrun("reproduce", "sinusoid", *TINY, cwd=tmp_path)
+    table = tmp_path / "outputs/reproduce/sinusoid"
+    cells = {name: table / "finn2017" / name for name in ("sinusoid_maml", "sinusoid_pretrained")}
+    for cell in cells.values():
+        assert (cell / "eval.json").is_file() and (cell / "sinusoid_fits.png").is_file()
+    maml, pretrained = (json.loads((c / "eval.json").read_text()) for c in cells.values())
+    assert (maml["algorithm"], pretrained["algorithm"]) == ("maml", "pretrain")
+    for key in ("inner_lr", "inner_steps", "tasks", "eval_seed"):
+        assert maml[key] == pretrained[key], key  # evaluated the same way
+    assert (table / "sinusoid_k5_steps.png").stat().st_size > 0
+
+    rows = list(csv.DictReader((table / "comparison.csv").open()))
+    paper = {(r["preset"], r["setting"], r["steps"]): r["paper_value"] for r in rows}
+    assert paper[("finn2017/sinusoid_maml", "K=5", "1")] == "0.67"
+    assert paper[("finn2017/sinusoid_pretrained", "K=5", "10")] == "2.19"
+    assert paper[("finn2017/sinusoid_pretrained", "K=20", "10")] == ""  # the paper has no K=20
+    assert len(rows) == 2 * 3 * 3 and all(r["mamlrun_mean"] for r in rows)
+    markdown = (table / "comparison.md").read_text()
+    for text in ("budget 0.0002", "SCALED", "hardware:", "| sinusoid_pretrained | K=5 |"):
+        assert text in markdown, text
+    assert "paper vs mamlrun" in result.stdout
+
+    stamps = {name: (cell / "eval.json").stat().st_mtime_ns for name, cell in cells.items()}
+    again = run_mamlrun("reproduce", "sinusoid", *TINY, cwd=tmp_path)
+    assert "reused 2 finished cell(s)" in again.stdout
+    assert "Hydra multirun" not in again.stdout and "meta-train" not in again.stdout
+    assert {n: (c / "eval.json").stat().st_mtime_ns for n, c in cells.items()} == stamps
+
+
+def _interrupted_run(run_dir, cwd):
+    """A real interruption: Ctrl-C once the first checkpoint is written."""
+    process = subprocess.Popen(
+        [*MAMLRUN, "train", *QUICK, "train.iterations=100000", f"hydra.run.dir={run_dir}"],
+        cwd=cwd,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.monotonic() + 120
+    while not (run_dir / "checkpoints/last.pt").exists() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    time.sleep(0.5)  # let the atomic rename of the checkpoint settle
+    process.send_signal(signal.SIGINT)
+    process.wait(timeout=60)
+
+
+def test_report_lists_failed_and_unfinished_runs(tmp_path):
+    sweep = tmp_path / "sweep"
+    run_mamlrun(
+        "train", *QUICK, "train.iterations=10", f"hydra.run.dir={sweep / 'ok'}", cwd=tmp_path
+    )
+    # A job that raised: its data is missing, so it stops after Hydra made its directory.
+    failed = run_mamlrun(
+        "train",
+        *QUICK,
+        "dataset=omniglot",
+        f"dataset.root={tmp_path / 'no-data'}",
+        f"hydra.run.dir={sweep / 'broken'}",
+        cwd=tmp_path,
+        expect_ok=False,
+    )
+    assert failed.returncode == 2 and (sweep / "broken/.hydra").is_dir()
+    _interrupted_run(sweep / "stopped", tmp_path)
+
+    result = run_mamlrun("report", str(sweep), "--out", str(tmp_path / "report"), cwd=tmp_path)
+    rows = list(csv.DictReader((tmp_path / "report/results.csv").open()))
+    status = {r["run"]: r["status"] for r in rows}
+    assert status == {"ok": "finished", "broken": "failed", "stopped": "unfinished"}, rows
+    ok = next(r for r in rows if r["run"] == "ok")
+    assert "±" in ok["test K=5 mse"] and ok["dataset"] == "–"  # `dataset` was swept
+    assert "runs: 1 of 3 finished" in result.stdout
+    assert (tmp_path / "report/results.md").is_file()
