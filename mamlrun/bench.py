@@ -23,7 +23,6 @@ import io
 import os
 import platform
 import statistics
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -230,7 +229,7 @@ def hardware_description(device: torch.device) -> str:
     )
 
 
-def run_bench(args: list[str]) -> list[dict]:
+def run_bench(args: list[str]) -> None:
     """`mamlrun bench [settings=a,b] [repeats=5] [seconds=3] [device=cpu] [output=docs/...]`."""
     options = {
         "settings": ",".join(SETTINGS),
@@ -310,7 +309,6 @@ def run_bench(args: list[str]) -> list[dict]:
             )
         del steps
     _report(results, hardware, options)
-    return results
 
 
 def _report(results: list[dict], hardware: str, options: dict) -> None:
@@ -362,11 +360,3 @@ def _report(results: list[dict], hardware: str, options: dict) -> None:
     ]
     path.write_text("\n\n".join([*kept, "\n".join(lines)]))
     console.info(f"wrote {path}")
-
-
-def main(args: list[str]) -> None:
-    try:
-        run_bench(args)
-    except UserError as err:
-        print(f"mamlrun bench: error: {err}", file=sys.stderr)
-        raise SystemExit(2) from None

@@ -74,42 +74,23 @@ def _eval(cfg):
     return run_eval(cfg)
 
 
-def _data(args: list[str]) -> None:
-    from mamlrun.data import run_data
+def _plain_command(name: str, module: str, function: str) -> Callable[[list[str]], None]:
+    """A subcommand that parses its own arguments: `module.function(args)` imported on use (so
+    `mamlrun --help` stays fast), a UserError printed as one line with exit status 2, and a
+    non-zero integer it returns used as the exit status."""
 
-    try:
-        run_data(args)
-    except UserError as err:
-        print(f"mamlrun data: error: {err}", file=sys.stderr)
-        raise SystemExit(2) from None
+    def run(args: list[str]) -> None:
+        import importlib
 
+        try:
+            status = getattr(importlib.import_module(module), function)(args)
+        except UserError as err:
+            print(f"mamlrun {name}: error: {err}", file=sys.stderr)
+            raise SystemExit(2) from None
+        if isinstance(status, int) and status:
+            raise SystemExit(status)
 
-def _bench(args: list[str]) -> None:
-    from mamlrun.bench import main as bench_main
-
-    bench_main(args)
-
-
-def _reproduce(args: list[str]) -> None:
-    from mamlrun.reproduce import run_reproduce
-
-    try:
-        status = run_reproduce(args)
-    except UserError as err:
-        print(f"mamlrun reproduce: error: {err}", file=sys.stderr)
-        raise SystemExit(2) from None
-    if status:
-        raise SystemExit(status)
-
-
-def _report(args: list[str]) -> None:
-    from mamlrun.report import run_report
-
-    try:
-        run_report(args)
-    except UserError as err:
-        print(f"mamlrun report: error: {err}", file=sys.stderr)
-        raise SystemExit(2) from None
+    return run
 
 
 def _with_argv(name: str, entry: Callable[[], None]) -> Callable[[list[str]], None]:
@@ -134,15 +115,21 @@ COMMANDS: dict[str, tuple[str, Callable[[list[str]], None]]] = {
         "evaluate a checkpoint on test tasks (Hydra app)",
         _with_argv("eval", _hydra_command("eval", _eval)),
     ),
-    "data": ("prepare or verify a dataset: data {prepare,verify} dataset=omniglot", _data),
-    "bench": ("meta-training throughput vs a plain learn2learn loop (docs/benchmarks.md)", _bench),
+    "data": (
+        "prepare or verify a dataset: data {prepare,verify} dataset=omniglot",
+        _plain_command("data", "mamlrun.data", "run_data"),
+    ),
+    "bench": (
+        "meta-training throughput vs a plain learn2learn loop (docs/benchmarks.md)",
+        _plain_command("bench", "mamlrun.bench", "run_bench"),
+    ),
     "reproduce": (
         "rerun a paper table and compare: reproduce {omniglot,miniimagenet,sinusoid,all}",
-        _reproduce,
+        _plain_command("reproduce", "mamlrun.reproduce", "run_reproduce"),
     ),
     "report": (
         "tables from finished runs: report <multirun dir | run dirs...> [--out DIR]",
-        _report,
+        _plain_command("report", "mamlrun.report", "run_report"),
     ),
 }
 

@@ -6,6 +6,7 @@ Hydra multirun logs) rich falls back to plain lines, so logs stay readable.
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 from rich.console import Console
@@ -20,7 +21,11 @@ from rich.progress import (
 from rich.table import Table
 from rich.tree import Tree
 
+# Logs and pipes get 160 columns rather than rich's 80, so wide tables stay readable
+# (COLUMNS in the environment still wins).
 console = Console(highlight=False)
+if not console.is_terminal and "COLUMNS" not in os.environ:
+    console = Console(highlight=False, width=160)
 
 
 def info(message: str) -> None:
