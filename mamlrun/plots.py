@@ -138,8 +138,17 @@ def adaptation_comparison(
     for label, stats in curves.items():
         mean, ci = torch.tensor(stats["mean"]), torch.tensor(stats["ci95"])
         steps = torch.arange(len(mean))
-        (line,) = ax.plot(steps, mean, marker="o", label=f"{label} (mamlrun)")
-        ax.fill_between(steps, mean - ci, mean + ci, alpha=0.2, color=line.get_color())
+        (line,) = ax.plot(steps, mean, marker="o", label=f"{label} (mamlrun mean)")
+        low = mean - ci if metric != "mse" else (mean - ci).clamp_min(float(mean.min()) / 4)
+        ax.fill_between(steps, low, mean + ci, alpha=0.2, color=line.get_color())
+        if "median" in stats:  # a few diverging tasks can dominate the mean: show both
+            ax.plot(
+                steps,
+                stats["median"],
+                "--",
+                color=line.get_color(),
+                label=f"{label} (mamlrun median)",
+            )
         if label in references:
             ref_steps, values = references[label]
             ax.plot(
@@ -151,7 +160,9 @@ def adaptation_comparison(
                 label=f"{label} (paper)",
             )
     ax.set(xlabel="number of gradient steps", ylabel=f"test {metric}", title=title)
-    ax.legend(fontsize=8)
+    if metric == "mse":
+        ax.set_yscale("log")  # outlier tasks' spikes would flatten the rest (band cut at > 0)
+    ax.legend(fontsize=7)
     ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
