@@ -133,6 +133,9 @@ def _interrupted_run(run_dir, cwd):
         cwd=cwd,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
+        # A shell that starts jobs in the background (CI may) makes them ignore SIGINT, and the
+        # child would inherit that: give it the default disposition, as a terminal would.
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     deadline = time.monotonic() + 120
     while not (run_dir / "checkpoints/last.pt").exists() and time.monotonic() < deadline:
