@@ -5,6 +5,7 @@ import json
 import signal
 import subprocess
 import time
+from importlib import resources
 
 import pytest
 import torch
@@ -94,6 +95,16 @@ def test_reproduce_dry_run_lists_the_cells_and_their_cost(tmp_path):
     assert not (tmp_path / "outputs").exists(), "a dry run must not run anything"
     bad = run_mamlrun("reproduce", "sinusoid", "seed=1,2", cwd=tmp_path, expect_ok=False)
     assert bad.returncode == 2 and "runs each cell once" in bad.stderr
+
+
+def test_reproduce_all_dry_run_plans_every_cell_of_the_paper(tmp_path):
+    out = run_mamlrun("reproduce", "all", "--dry-run", cwd=tmp_path).stdout
+    presets = resources.files("mamlrun.conf") / "experiment" / "finn2017"
+    cells = sorted(p.name.removesuffix(".yaml") for p in presets.iterdir() if p.suffix == ".yaml")
+    assert len(cells) == 12
+    for cell in cells:
+        assert cell in out, cell
+    assert not (tmp_path / "outputs").exists()
 
 
 def test_reproduce_sinusoid_writes_the_comparison_and_reuses_finished_cells(tmp_path):
