@@ -19,6 +19,13 @@ FIT_STEPS = (0, 1, 10)  # predictions shown in the sinusoid fit plot
 FIT_SHOTS = (5, 10)
 
 
+def _save(fig: plt.Figure, path: Path, dpi: int = 120) -> Path:
+    fig.tight_layout()
+    fig.savefig(path, dpi=dpi)
+    plt.close(fig)
+    return path
+
+
 def learning_curves(rows: list[dict[str, Any]], run_dir: Path, metric: str) -> Path:
     """Meta-train query loss before/after adaptation, and the validation metric, vs iteration."""
     train = [r for r in rows if r["split"] == "train"]
@@ -42,31 +49,14 @@ def learning_curves(rows: list[dict[str, Any]], run_dir: Path, metric: str) -> P
         if ax.has_data():
             ax.legend()
         ax.grid(alpha=0.3)
-    fig.tight_layout()
-    path = run_dir / "learning_curves.png"
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(fig, run_dir / "learning_curves.png")
 
 
 def adaptation_plot(report: dict[str, Any], run_dir: Path) -> Path:
-    """Test metric (mean ± 95% CI) against the number of adaptation steps, one line per setting."""
-    metric = report["metric"]
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for label, result in report["results"].items():
-        mean = torch.tensor(result[metric]["mean"])
-        ci = torch.tensor(result[metric]["ci95"])
-        steps = torch.arange(len(mean))
-        ax.plot(steps, mean, marker="o", label=label)
-        ax.fill_between(steps, mean - ci, mean + ci, alpha=0.2)
-    ax.set(xlabel="adaptation steps", ylabel=f"test {metric}", title=f"{report['algorithm']}, test")
-    ax.legend()
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    path = run_dir / "adaptation.png"
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    """Test metric (mean ± 95% CI, and median) against adaptation steps, one line per setting."""
+    curves = {label: result[report["metric"]] for label, result in report["results"].items()}
+    title = f"{report['algorithm']}, test"
+    return adaptation_comparison(curves, {}, report["metric"], title, run_dir / "adaptation.png")
 
 
 def sinusoid_fits(
@@ -99,11 +89,7 @@ def sinusoid_fits(
             ax.set_title(f"K={shots}, task {col + 1}")
             ax.set_xlim(*dataset.x_range)
     (axes[0][0] if count > 1 else axes[0]).legend(fontsize=7, loc="lower left")
-    fig.tight_layout()
-    path = run_dir / "sinusoid_fits.png"
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, run_dir / "sinusoid_fits.png", dpi=110)
 
 
 def evaluation_plots(
@@ -164,7 +150,4 @@ def adaptation_comparison(
         ax.set_yscale("log")  # outlier tasks' spikes would flatten the rest (band cut at > 0)
     ax.legend(fontsize=7)
     ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
