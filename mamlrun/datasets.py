@@ -192,8 +192,8 @@ def load_omniglot(
     Args:
         root: directory holding the data (or a parent of an `omniglot/` directory that does).
         download: fetch missing archives from brendenlake/omniglot on GitHub.
-        cache_dir: where the preprocessed tensor is kept; default `root/.mamlrun-cache` if it
-            can be written, else `~/.cache/mamlrun`.
+        cache_dir: where the preprocessed tensor is kept; default `$MAMLRUN_CACHE`, else
+            `~/.cache/mamlrun`.
         expected_counts: set name -> (alphabets, characters, drawings per character); None means
             the official release (and then zips are also compared with the official md5).
             Tests pass their own to load tiny synthetic archives.
@@ -269,7 +269,7 @@ def _load_omniglot_sets(
         "invert": True,
         "sources": [s.identity() for s in sets],
     }
-    cache = Path(cache_dir).expanduser() if cache_dir is not None else _default_cache_dir(root)
+    cache = Path(cache_dir).expanduser() if cache_dir is not None else _default_cache_dir()
     return _cached(cache / f"omniglot-{_digest(key)}.pt", build)
 
 
@@ -463,7 +463,7 @@ def _load_mini_folder(
         "split": split,
         "source": listing.hexdigest(),
     }
-    cache = Path(cache_dir).expanduser() if cache_dir is not None else _default_cache_dir(base)
+    cache = Path(cache_dir).expanduser() if cache_dir is not None else _default_cache_dir()
     return _cached(cache / f"miniimagenet-{split}-{_digest(key)}.pt", build)["images"]
 
 
@@ -529,14 +529,10 @@ def _digest(key: dict) -> str:
     return hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def _default_cache_dir(root: Path) -> Path:
-    """`root/.mamlrun-cache` next to the data when writable (shared data often is not)."""
-    candidate = root / ".mamlrun-cache"
-    with contextlib.suppress(OSError):
-        candidate.mkdir(exist_ok=True)
-        if os.access(candidate, os.W_OK):
-            return candidate
-    return Path.home() / ".cache" / "mamlrun"
+def _default_cache_dir() -> Path:
+    """`$MAMLRUN_CACHE`, else `~/.cache/mamlrun`: a per-user folder, never the data's own folder,
+    which is often shared or read-only (and a root process would write there regardless)."""
+    return Path(os.environ.get("MAMLRUN_CACHE", "~/.cache/mamlrun")).expanduser()
 
 
 def _cached(path: Path, build: Callable[[], dict]) -> dict:

@@ -142,9 +142,11 @@ def test_omniglot_cache_is_created_reused_and_keyed_by_source(zips, tmp_path, mo
     assert len(list(cache.glob("omniglot-*.pt"))) == 2
 
 
-def test_omniglot_default_cache_dir_is_next_to_the_data(zips):
+def test_omniglot_default_cache_is_per_user_not_next_to_the_data(zips, tmp_path, monkeypatch):
+    monkeypatch.setenv("MAMLRUN_CACHE", str(tmp_path / "user-cache"))
     _load(zips, None)
-    assert len(list((zips / ".mamlrun-cache").glob("omniglot-*.pt"))) == 1
+    assert len(list((tmp_path / "user-cache").glob("omniglot-*.pt"))) == 1
+    assert not list(zips.glob(".*cache*")), "nothing may be written into the data folder"
 
 
 def test_omniglot_missing_archive_names_the_file(tmp_path):
