@@ -153,7 +153,9 @@ def _resume_overrides(args: list[str]) -> list[str]:
         return []
     target = Path(resume[-1]).expanduser()
     if target.is_file():
-        target = target.parent.parent if target.parent.name == "checkpoints" else target.parent
+        from mamlrun.checkpoints import run_dir_of
+
+        target = run_dir_of(target)
     if not target.is_dir():
         return []  # run_train reports the missing checkpoint with a clear message
     return [f"hydra.run.dir={target.resolve()}", "hydra.output_subdir=null"]

@@ -131,16 +131,20 @@ def table_rows(report: dict[str, Any]) -> tuple[list[str], list[list[Any]]]:
     return columns, rows
 
 
-def write_report(
-    report: dict[str, Any],
-    run_dir: Path,
+def evaluate_and_report(
     engine: Learn2LearnEngine,
     typed: dict[str, Any],
     device: torch.device,
+    run_dir: Path,
     tracker: Tracker,
+    checkpoint: Path,
+    iteration: int,
     step: int,
-) -> list[Path]:
-    """Write eval.json and the evaluation plots, print the table, send both to the tracker."""
+) -> dict[str, Any]:
+    """Evaluate with `typed["eval"]`, then write eval.json and the plots, print the table and send
+    both to the tracker at `step`. Shared by `mamlrun eval` and the end of training."""
+    report = evaluate(engine, typed, typed["eval"], device)
+    report.update(checkpoint=str(checkpoint), iteration=iteration)
     (run_dir / EVAL_FILE).write_text(json.dumps(report, indent=2) + "\n")
     columns, rows = table_rows(report)
     title = (
@@ -149,9 +153,8 @@ def write_report(
     console.print_table(title, columns, rows)
     tracker.log(headline(report), step=step)
     tracker.log_table("test/table", columns, rows, step=step)
-    images = plots.evaluation_plots(report, run_dir, engine, typed, device)
-    tracker.log_images(images, step=step)
-    return images
+    tracker.log_images(plots.evaluation_plots(report, run_dir, engine, typed, device), step=step)
+    return report
 
 
 def run_eval(cfg: DictConfig) -> dict[str, float]:
@@ -160,7 +163,8 @@ def run_eval(cfg: DictConfig) -> dict[str, float]:
     checkpoint_path = checkpoints.resolve(settings["checkpoint"])
     payload = checkpoints.load(checkpoint_path)
     trained = validate(OmegaConf.create(payload["config"]), primary="train")
-    typed = {**trained, "hardware": settings["hardware"], "logger": settings["logger"]}
+    # The model's config comes from the checkpoint; how to run and score it, from this command.
+    typed = {**trained, **{k: settings[k] for k in ("hardware", "logger", "eval")}}
     device = builders.select_device(settings["hardware"])
     builders.seed_everything(settings["seed"])
     model = builders.model_for(typed["model"], typed["dataset"]).to(device)
@@ -172,9 +176,10 @@ def run_eval(cfg: DictConfig) -> dict[str, float]:
 
     tracker = make_tracker(typed, run_dir, payload["config"] | {"checkpoint": str(checkpoint_path)})
     try:
-        report = evaluate(engine, typed, settings["eval"], device)
-        report.update(checkpoint=str(checkpoint_path), iteration=payload["iteration"])
-        write_report(report, run_dir, engine, typed, device, tracker, step=payload["iteration"])
+        iteration = payload["iteration"]
+        report = evaluate_and_report(
+            engine, typed, device, run_dir, tracker, checkpoint_path, iteration, step=iteration
+        )
     finally:
         tracker.finish()
     return headline(report)

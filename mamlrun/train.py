@@ -20,7 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from mamlrun import builders, checkpoints, console, plots
 from mamlrun.config import ConfigError, to_container, validate
-from mamlrun.evaluate import evaluate, write_report
+from mamlrun.evaluate import evaluate_and_report
 from mamlrun.loggers import MetricsFile, NullTracker, Tracker, WandbTracker, prefixed, read_metrics
 
 # Keys a resumed run takes from the command line; everything else comes from the checkpoint.
@@ -81,16 +81,13 @@ def _resumed_config(cfg: DictConfig, checkpoint_config: dict[str, Any]) -> DictC
 
 
 def _validation(engine, val_batch, steps: int) -> dict[str, float]:
-    curves = {}
-    for start in range(0, len(val_batch), 100):
-        part = engine.adaptation_curve(val_batch.slice(start, start + 100), steps)
-        for key, value in part.items():
-            if key == "loss" and engine.metric_name == "mse":
-                continue  # for regression the metric is the loss
-            curves.setdefault(key, []).append(value)
+    """Mean query metric (and loss, for classification) after 0..steps steps on the fixed
+    validation tasks. Engines bound their own memory (the vmap engine adapts in chunks)."""
     result: dict[str, float] = {}
-    for key, parts in curves.items():
-        mean = torch.cat(parts).double().mean(dim=0)
+    for key, values in engine.adaptation_curve(val_batch, steps).items():
+        if key == "loss" and engine.metric_name == "mse":
+            continue  # for regression the metric is the loss
+        mean = values.double().mean(dim=0)
         result.update({f"{key}_step{s}": float(v) for s, v in enumerate(mean)})
     return result
 
@@ -121,8 +118,8 @@ def run_train(cfg: DictConfig) -> float:
     console.info(f"model <{typed['model'].name}> with {params:,} parameters on {device}")
     train_tasks = builders.task_sampler(dataset, "train", seed=typed["seed"], device=device)
     val_seed = typed["eval"].seed + builders.VALIDATION_SEED_OFFSET
-    val_batch = builders.task_sampler(dataset, "val", seed=val_seed).sample(loop.val_tasks)
-    val_batch = val_batch.to(device)
+    val_sampler = builders.task_sampler(dataset, "val", seed=val_seed)
+    val_batch = val_sampler.sample(loop.val_tasks).to(device)
 
     start, best, window = 0, None, []
     if payload is not None:
@@ -226,9 +223,10 @@ def run_train(cfg: DictConfig) -> float:
             best_path = run_dir / checkpoints.CHECKPOINT_DIR / "best.pt"
             if best_path.exists():
                 model.load_state_dict(checkpoints.load(best_path)["model"])
-            report = evaluate(engine, typed, typed["eval"], device)
-            report.update(checkpoint=str(best_path), iteration=(best or {}).get("iteration", 0))
-            write_report(report, run_dir, engine, typed, device, tracker, loop.iterations)
+            best_iteration = (best or {}).get("iteration", 0)
+            evaluate_and_report(
+                engine, typed, device, run_dir, tracker, best_path, best_iteration, loop.iterations
+            )
         exit_code = 0
         console.info(f"done: {run_dir}")
         return best["value"] if best else float("nan")
