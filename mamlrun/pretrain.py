@@ -45,7 +45,9 @@ class PretrainEngine:
         self.adaptation_curve = base.adaptation_curve
         self.predictions = base.predictions
 
-    def meta_backward(self, batch: TaskBatch, inner_steps: int) -> dict[str, float]:
+    def meta_backward(
+        self, batch: TaskBatch, inner_steps: int, measure_before: bool = True
+    ) -> dict[str, float]:
         """Accumulate the gradient of the mean supervised loss over the batch into `.grad`.
 
         Every point of a task (support and query) is a training example for the shared
@@ -55,12 +57,13 @@ class PretrainEngine:
         Args:
             batch: the meta-batch of tasks (MAML's training tasks).
             inner_steps: ignored; the baseline never adapts during training.
+            measure_before: ignored; before and after are the same numbers here.
 
         Returns:
             the same keys as MAML's engines; before and after are equal (there is no
             adaptation): the supervised loss and metric averaged over tasks.
         """
-        del inner_steps
+        del inner_steps, measure_before
         inputs = torch.cat([batch.support_x, batch.query_x], dim=1)
         targets = torch.cat([batch.support_y, batch.query_y], dim=1)
         losses, metrics = [], []

@@ -10,6 +10,7 @@ whenever validation improves. A checkpoint carries every RNG state and the sampl
 
 from __future__ import annotations
 
+import statistics
 import time
 from pathlib import Path
 from typing import Any
@@ -162,14 +163,20 @@ def run_train(cfg: DictConfig) -> float:
             for iteration in range(start + 1, loop.iterations + 1):
                 batch = train_tasks.sample(algorithm.meta_batch_size).to(device)
                 optimizer.zero_grad(set_to_none=True)
-                stats = engine.meta_backward(batch, algorithm.inner_steps)
+                last = iteration == loop.iterations
+                logged = iteration % loop.log_every == 0 or last
+                # The pre-adaptation query loss costs an extra forward pass: measured only on the
+                # last meta-batch of each logging window (the post-adaptation one on all).
+                stats = engine.meta_backward(batch, algorithm.inner_steps, measure_before=logged)
                 if algorithm.grad_clip is not None:
                     torch.nn.utils.clip_grad_value_(model.parameters(), algorithm.grad_clip)
                 optimizer.step()
                 window.append(stats)
-                last = iteration == loop.iterations
-                if iteration % loop.log_every == 0 or last:
-                    means = {k: sum(s[k] for s in window) / len(window) for k in window[0]}
+                if logged:
+                    means = {
+                        key: statistics.fmean(s[key] for s in window if key in s)
+                        for key in window[-1]
+                    }
                     if metric == "mse":  # the metric is the loss: do not log it twice
                         means = {k: v for k, v in means.items() if not k.startswith("metric")}
                     means = {k.replace("metric", metric): v for k, v in means.items()}
