@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import os
 import random
 from pathlib import Path
 from typing import Any
@@ -37,7 +38,7 @@ def select_device(hardware: Hardware) -> torch.device:
             f"hardware.device={hardware.device}: CUDA is not available on this machine "
             "(use hardware=cpu, or install a CUDA build of torch)"
         )
-    torch.set_num_threads(hardware.threads)
+    torch.set_num_threads(hardware.threads or len(os.sched_getaffinity(0)))
     torch.use_deterministic_algorithms(hardware.deterministic, warn_only=True)
     return device
 

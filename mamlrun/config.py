@@ -127,7 +127,7 @@ ENGINES = ("vmap", "learn2learn")
 class Hardware:
     name: str = "cpu"
     device: str = "cpu"
-    threads: int = 1
+    threads: int = 0  # 0: all cores
     deterministic: bool = True
 
 
@@ -393,7 +393,11 @@ def _check_values(typed: dict[str, Any]) -> None:
             )
     hardware = typed.get("hardware")
     if hardware is not None:
-        _check(hardware.threads >= 1, "hardware.threads", f"must be >= 1, got {hardware.threads}")
+        _check(
+            hardware.threads >= 0,
+            "hardware.threads",
+            f"must be >= 1, or 0 for all cores, got {hardware.threads}",
+        )
     logger = typed.get("logger")
     if isinstance(logger, WandbLogger):
         _check(

@@ -417,7 +417,8 @@ def hardware_text(runs: list[Run]) -> str:
     """What the runs asked for, and the machine the table was made on (reproduce runs there)."""
     asked = sorted(
         {
-            f"{r.config['hardware'].get('device')} ({r.config['hardware'].get('threads')} thread)"
+            f"{r.config['hardware'].get('device')} "
+            f"({r.config['hardware'].get('threads') or 'all'} threads)"
             for r in runs
             if r.config.get("hardware")
         }
