@@ -9,6 +9,8 @@ machine noise hits them alike, each timed over several repeats:
   `backward()`; gradients divided by the meta-batch size; `Adam.step()`.
 - `mamlrun learn2learn`: mamlrun's training step with `algorithm.engine=learn2learn`.
 - `mamlrun vmap`: mamlrun's training step with `algorithm.engine=vmap`.
+- with `ablation=true`, also `mamlrun vmap, torch.func only`: the same engine running the model
+  through `vmap` + `functional_call` instead of its written-out task-batched layers.
 
 All use the paper's settings (second-order MAML). Omniglot uses the real images when found, else
 random images of the right shape; miniImageNet uses random images (its images are not shipped).
@@ -72,6 +74,7 @@ SETTINGS = {
     "miniimagenet_5w1s": Setting("miniimagenet_5w1s", 5, 1, 15, 4, 5, 0.01),
 }
 CONTENDERS = ("learn2learn example", "mamlrun learn2learn", "mamlrun vmap")
+ABLATION = "mamlrun vmap, torch.func only"
 
 
 def _images(setting: Setting, omniglot_root: Path | None) -> tuple[torch.Tensor, str]:
@@ -168,14 +171,18 @@ def _plain_learn2learn(setting: Setting, images, device) -> Callable[[], None]:
     return step
 
 
-def _mamlrun_step(setting: Setting, images, device, engine_name: str) -> Callable[[], None]:
+def _mamlrun_step(
+    setting: Setting, images, device, engine_name: str, batching: str = "layers"
+) -> Callable[[], None]:
     """One meta-iteration of mamlrun's training loop: the given engine, the tensor sampler."""
     model = _model(setting).to(device)
     task_type = "regression" if setting.ways == 0 else "classification"
     if engine_name == "vmap":
         from mamlrun.vmap_engine import VmapEngine
 
-        engine = VmapEngine(model, setting.inner_lr, first_order=False, task_type=task_type)
+        engine = VmapEngine(
+            model, setting.inner_lr, first_order=False, task_type=task_type, batching=batching
+        )
     else:
         engine = Learn2LearnEngine(model, setting.inner_lr, first_order=False, task_type=task_type)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
@@ -240,12 +247,16 @@ def run_bench(args: list[str]) -> None:
         "threads": "0",
         "output": "docs/benchmarks.md",
         "omniglot_root": "",
+        "ablation": "false",
     }
     for arg in args:
         key, sep, value = arg.partition("=")
         if not sep or key not in options:
             raise UserError(f"{arg}: expected key=value with key in {', '.join(options)}")
         options[key] = value
+    if options["ablation"] not in ("true", "false"):
+        raise UserError(f"ablation={options['ablation']}: expected true or false")
+    contenders = CONTENDERS + ((ABLATION,) if options["ablation"] == "true" else ())
     names = options["settings"].split(",")
     for name in names:
         if name not in SETTINGS:
@@ -274,7 +285,9 @@ def run_bench(args: list[str]) -> None:
             "mamlrun learn2learn": _mamlrun_step(setting, images, device, "learn2learn"),
             "mamlrun vmap": _mamlrun_step(setting, images, device, "vmap"),
         }
-        rates: dict[str, list[float]] = {c: [] for c in CONTENDERS}
+        if ABLATION in contenders:
+            steps[ABLATION] = _mamlrun_step(setting, images, device, "vmap", batching="vmap")
+        rates: dict[str, list[float]] = {c: [] for c in contenders}
         memory: dict[str, float] = {}
         for step in steps.values():  # warm-up: allocator, caches, lazy initialisation
             step()
@@ -290,10 +303,10 @@ def run_bench(args: list[str]) -> None:
                     memory[contender] = max(memory.get(contender, 0.0), peak)
             console.info(
                 f"{name}: repeat {repeat + 1}/{options['repeats']} "
-                + ", ".join(f"{c} {rates[c][-1]:.2f} it/s" for c in CONTENDERS)
+                + ", ".join(f"{c} {rates[c][-1]:.2f} it/s" for c in contenders)
             )
         baseline = statistics.median(rates[CONTENDERS[0]])
-        for contender in CONTENDERS:
+        for contender in contenders:
             median = statistics.median(rates[contender])
             results.append(
                 {

@@ -2,7 +2,7 @@
 machine. Speeds are not asserted here (they are the benchmark's output, not a test)."""
 
 from conftest import run_mamlrun
-from mamlrun.bench import CONTENDERS
+from mamlrun.bench import ABLATION, CONTENDERS
 
 
 def _table_rows(text: str) -> list[list[str]]:
@@ -13,10 +13,11 @@ def _table_rows(text: str) -> list[list[str]]:
 def test_bench_writes_one_row_per_contender_and_replaces_its_section(tmp_path):
     output = tmp_path / "docs" / "benchmarks.md"
     args = ("bench", "settings=sinusoid", "repeats=2", "seconds=0.1", f"output={output}")
+    args += ("ablation=true",)
     run_mamlrun(*args, cwd=tmp_path)
     first = output.read_text()
     rows = _table_rows(first)
-    assert [row[1] for row in rows] == list(CONTENDERS)
+    assert [row[1] for row in rows] == [*CONTENDERS, ABLATION]
     assert all(row[0] == "sinusoid" for row in rows)
     rates = {row[1]: float(row[2]) for row in rows}
     ratios = {row[1]: float(row[5].rstrip("×")) for row in rows}
