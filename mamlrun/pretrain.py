@@ -51,8 +51,8 @@ class PretrainEngine:
         """Accumulate the gradient of the mean supervised loss over the batch into `.grad`.
 
         Every point of a task (support and query) is a training example for the shared
-        parameters. Tasks are run one forward each, so a model with batch norm normalizes per
-        task as under MAML.
+        parameters. Each task gets its own forward (one batched call for all tasks when the base
+        is the vmap engine), so a model with batch norm normalizes per task as under MAML.
 
         Args:
             batch: the meta-batch of tasks (MAML's training tasks).
@@ -66,16 +66,21 @@ class PretrainEngine:
         del inner_steps, measure_before
         inputs = torch.cat([batch.support_x, batch.query_x], dim=1)
         targets = torch.cat([batch.support_y, batch.query_y], dim=1)
-        losses, metrics = [], []
-        for x, y in zip(inputs, targets, strict=True):
-            outputs = self.model(x)
-            losses.append(self.loss_fn(outputs, y))
-            metrics.append(self.metric_fn(outputs.detach(), y))
-        loss = torch.stack(losses).mean()
+        task_outputs = getattr(self.base, "task_outputs", None)  # the vmap engine's batched call
+        if task_outputs is not None:
+            # every task has as many examples: the mean over all is the mean of per-task means
+            outputs, targets = task_outputs(inputs).flatten(0, 1), targets.flatten(0, 1)
+            loss = self.loss_fn(outputs, targets)
+            metric = self.metric_fn(outputs.detach(), targets)
+        else:
+            losses, metrics = [], []
+            for x, y in zip(inputs, targets, strict=True):
+                outputs = self.model(x)
+                losses.append(self.loss_fn(outputs, y))
+                metrics.append(self.metric_fn(outputs.detach(), y))
+            loss, metric = torch.stack(losses).mean(), torch.stack(metrics).mean()
         loss.backward()
-        loss_value, metric_value = torch.stack(
-            [loss.detach(), torch.stack(metrics).mean()]
-        ).tolist()
+        loss_value, metric_value = torch.stack([loss.detach(), metric]).tolist()
         return {
             "loss_pre": loss_value,
             "loss_post": loss_value,

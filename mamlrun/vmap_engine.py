@@ -218,6 +218,12 @@ class VmapEngine:
         values = torch.stack(list(stats.values())).tolist()  # one device sync for all
         return dict(zip(stats, values, strict=True))
 
+    def task_outputs(self, x: torch.Tensor) -> torch.Tensor:
+        """Outputs of the meta-parameters on every task's examples x [tasks, examples, ...], each
+        task on its own (batch norm statistics per task), in one batched call; with graph."""
+        with _vmap_errors():
+            return self._forward(self._per_task(len(x)), x)
+
     def _adapted(
         self, support_x: torch.Tensor, support_y: torch.Tensor, steps: int
     ) -> Iterator[list[torch.Tensor]]:

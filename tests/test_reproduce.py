@@ -1,5 +1,6 @@
 """The pretrained baseline, `budget`, `mamlrun reproduce` and `mamlrun report`."""
 
+import copy
 import csv
 import json
 import signal
@@ -72,6 +73,33 @@ def test_pretrain_engine_fits_all_tasks_and_adapts_exactly_like_maml(engine_name
         engine.predictions(support_x, support_y, query_x, [2])[2],
         maml.predictions(support_x, support_y, query_x, [2])[2],
     )
+
+
+def test_pretrain_on_the_vmap_engine_normalizes_each_task_on_its_own():
+    """The vmap engine batches all tasks into one call; batch norm must still see one task at a
+    time, as in the learn2learn engine's per-task loop: same loss and gradients."""
+    from mamlrun.engine import Learn2LearnEngine
+    from mamlrun.models import mlp
+    from mamlrun.tasks import TaskBatch
+    from mamlrun.vmap_engine import VmapEngine
+
+    torch.manual_seed(0)
+    model = mlp((1, 28, 28), 5, hidden=[32, 16], batch_norm=True).double()
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(3, 10, 1, 28, 28, generator=g, dtype=torch.float64)
+    x[1] *= 5  # tasks with different statistics: pooled batch norm would differ
+    y = torch.randint(0, 5, (3, 10), generator=g)
+    batch = TaskBatch(x[:, :5], y[:, :5], x[:, 5:], y[:, 5:])
+    results = []
+    for Engine in (Learn2LearnEngine, VmapEngine):
+        twin = copy.deepcopy(model)
+        engine = PretrainEngine(Engine(twin, inner_lr=0.1, task_type="classification"))
+        stats = engine.meta_backward(batch, inner_steps=0)
+        results.append((stats, [p.grad for p in twin.parameters()]))
+    (expected, expected_grads), (actual, actual_grads) = results
+    assert actual == pytest.approx(expected, rel=1e-12)
+    for grad, expected_grad in zip(actual_grads, expected_grads, strict=True):
+        torch.testing.assert_close(grad, expected_grad, rtol=1e-10, atol=1e-12)
 
 
 def test_budget_scales_iterations_and_is_validated():
