@@ -54,23 +54,24 @@ TABLES: dict[str, list[str]] = {
 }
 ROOT = Path("outputs/reproduce")
 
-# Meta-training throughput in tasks per second, measured once per preset (the paper's settings,
-# mamlrun's vmap engine, random images of the right shape) on one thread of a 2-core Intel Xeon
-# CPU with torch 2.x, while another process used the other core. Only for rough time estimates;
-# a GPU is much faster on the conv presets. Evaluation is not included.
+# Meta-training throughput in tasks per second, measured per preset on the 2-core Intel Xeon
+# development CPU (both cores, torch 2.14): sinusoid from full `mamlrun reproduce sinusoid` runs
+# (validation included), the others from timed training steps of the preset's engine on real
+# Omniglot or random miniImageNet-shaped images. Only for rough time estimates; a GPU is much
+# faster on the conv presets. Evaluation is not included.
 CPU_TASKS_PER_SECOND: dict[str, float] = {
-    "sinusoid_maml": 9000,
-    "sinusoid_pretrained": 7000,
-    "omniglot_5w1s": 68,
-    "omniglot_5w5s": 10,
-    "omniglot_20w1s": 5.6,
-    "omniglot_20w5s": 0.7,
-    "omniglot_mlp_5w1s": 240,
-    "omniglot_mlp_5w5s": 180,
-    "miniimagenet_5w1s": 0.4,
-    "miniimagenet_5w5s": 0.2,
-    "miniimagenet_fo_5w1s": 0.6,
-    "miniimagenet_fo_5w5s": 0.4,
+    "sinusoid_maml": 7800,
+    "sinusoid_pretrained": 18000,
+    "omniglot_5w1s": 130,
+    "omniglot_5w5s": 23,
+    "omniglot_20w1s": 11,
+    "omniglot_20w5s": 1.1,
+    "omniglot_mlp_5w1s": 450,
+    "omniglot_mlp_5w5s": 360,
+    "miniimagenet_5w1s": 1.0,
+    "miniimagenet_5w5s": 0.4,
+    "miniimagenet_fo_5w1s": 1.7,
+    "miniimagenet_fo_5w5s": 1.0,
 }
 
 REUSE, RESUME, RUN = "reuse", "resume", "run"
@@ -315,8 +316,8 @@ def reproduce(table: str, overrides: list[str], dry_run: bool, root: Path = ROOT
     estimate = "?" if seconds is None else _duration(seconds)
     console.info(
         f"cost: {tasks:,} training tasks, about {estimate} on a CPU (training only; throughput "
-        "constants measured with mamlrun's vmap engine on one thread of a 2-core Intel Xeon, see "
-        "mamlrun/reproduce.py; a GPU is much faster for the conv presets)"
+        "constants measured on both cores of a 2-core Intel Xeon, see mamlrun/reproduce.py; a "
+        "GPU is much faster for the conv presets)"
     )
     if dry_run:
         return 0
