@@ -2,8 +2,10 @@
 user's own `nn.Module` given by `_target_`."""
 
 import json
+import pickle
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from conftest import QUICK, read_jsonl, run_mamlrun
@@ -87,3 +89,45 @@ def test_any_module_given_by_target_trains(tmp_path):
     )
     report = json.loads((run_dir / "eval.json").read_text())
     assert report["results"]["K=5"]["mse"]["mean"][0] > 0
+
+
+def _mini_split(path: Path, classes: int, per_class: int, seed: int) -> None:
+    """A miniImageNet split in learn2learn's pickle format, with random pixels."""
+    rng = np.random.default_rng(seed)
+    images = rng.integers(0, 256, (classes * per_class, 84, 84, 3), dtype=np.uint8)
+    class_dict = {
+        f"n{c:08d}": list(range(c * per_class, (c + 1) * per_class)) for c in range(classes)
+    }
+    path.write_bytes(pickle.dumps({"image_data": images, "class_dict": class_dict}))
+
+
+def test_miniimagenet_trains_end_to_end_on_the_cpu_with_a_hint_about_the_engine(tmp_path):
+    """The miniImageNet pipeline from pickles to eval.json (images are random: no learning is
+    asserted), and the CPU hint that the learn2learn engine is faster there."""
+    root = tmp_path / "mini"
+    root.mkdir()
+    for split, classes, seed in (("train", 64, 0), ("validation", 16, 1), ("test", 20, 2)):
+        _mini_split(root / f"mini-imagenet-cache-{split}.pkl", classes, per_class=3, seed=seed)
+    run_dir = tmp_path / "run"
+    result = run_mamlrun(
+        "train",
+        "dataset=miniimagenet",
+        f"dataset.root={root}",
+        "dataset.query_shots=1",
+        "dataset.test_query_shots=1",
+        "algorithm.meta_batch_size=2",
+        "algorithm.inner_steps=1",
+        "algorithm.test_inner_steps=2",
+        "train.iterations=2",
+        *QUICK,
+        "train.val_tasks=2",
+        "eval.tasks=4",
+        f"hydra.run.dir={run_dir}",
+        cwd=tmp_path,
+    )
+    assert "algorithm.engine=learn2learn meta-trains miniImageNet" in result.stderr
+    results = json.loads((run_dir / "eval.json").read_text())["results"]
+    accuracy = next(iter(results.values()))["acc"]["mean"]
+    assert len(accuracy) == 3 and all(0.0 <= a <= 1.0 for a in accuracy)
+    train_rows = [r for r in read_jsonl(run_dir / "metrics.jsonl") if r["split"] == "train"]
+    assert train_rows and train_rows[-1]["iteration"] == 2
