@@ -26,7 +26,8 @@ def exact_float32():
     torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
 
 
-def test_vmap_engine_matches_learn2learn_on_cuda(exact_float32):
+@pytest.mark.parametrize("batching", ["layers", "vmap"])
+def test_vmap_engine_matches_learn2learn_on_cuda(exact_float32, batching):
     from mamlrun.vmap_engine import VmapEngine
 
     images = torch.randint(0, 256, (40, 20, 28, 28), dtype=torch.uint8)
@@ -36,7 +37,8 @@ def test_vmap_engine_matches_learn2learn_on_cuda(exact_float32):
     model = conv4((1, 28, 28), 5).cuda()
     twin = copy.deepcopy(model)
     reference = Learn2LearnEngine(model, 0.4, task_type="classification").meta_backward(batch, 1)
-    fast = VmapEngine(twin, 0.4, task_type="classification").meta_backward(batch, 1)
+    engine = VmapEngine(twin, 0.4, task_type="classification", batching=batching)
+    fast = engine.meta_backward(batch, 1)
     assert fast["loss_post"] == pytest.approx(reference["loss_post"], rel=1e-4)
     for a, b in zip(model.parameters(), twin.parameters(), strict=True):
         torch.testing.assert_close(b.grad, a.grad, rtol=1e-3, atol=1e-5)
