@@ -92,8 +92,8 @@ class Learn2LearnEngine:
             if measured, before (`loss_pre`, `metric_pre`), averaged over tasks.
         """
         tasks = len(batch)
-        keys = ("loss_pre", "loss_post", "metric_pre", "metric_post")
-        totals = dict.fromkeys(keys if measure_before else keys[1::2], 0.0)
+        keys = ("loss_post", "metric_post") + (("loss_pre", "metric_pre") if measure_before else ())
+        totals = dict.fromkeys(keys, 0.0)
         for i in range(tasks):
             support_x, support_y, query_x, query_y = batch.task(i)
             if measure_before:

@@ -74,13 +74,19 @@ def _validate_task_shape(
     shots: int,
     query_shots: int,
     split: str | None,
-) -> list[int]:
-    """Check that the split can serve tasks of this shape; returns the class indices as a list.
+) -> tuple[torch.Tensor, list[int]]:
+    """Check that the split can serve tasks of this shape.
+
+    Returns:
+        the images with a channel dimension ([classes, per class, C, H, W]; single-channel
+        images may come without one) and the class indices as a list.
 
     Raises:
         UserError: ways > classes in the split, or shots + query_shots > images per class.
         ValueError: malformed images or class indices (a programming error, not the user's).
     """
+    if images.dim() == 4:
+        images = images.unsqueeze(2)
     if images.dim() != 5 or images.dtype != torch.uint8:
         raise ValueError(
             f"images must be uint8 [classes, images, (C,) H, W], got "
@@ -100,7 +106,7 @@ def _validate_task_shape(
             f"dataset.shots + dataset.query_shots = {shots + query_shots} > "
             f"{images.shape[1]} images per class"
         )
-    return classes
+    return images, classes
 
 
 class ClassRotations:
@@ -162,9 +168,7 @@ class ClassificationTasks:
         num_tasks: int = -1,
         split: str | None = None,
     ) -> None:
-        if images.dim() == 4:
-            images = images.unsqueeze(2)
-        classes = _validate_task_shape(images, classes, ways, shots, query_shots, split)
+        images, classes = _validate_task_shape(images, classes, ways, shots, query_shots, split)
         if num_tasks < 1 and num_tasks != -1:
             raise UserError(f"dataset.num_tasks={num_tasks}: must be -1 (unlimited) or positive")
 
@@ -277,9 +281,7 @@ class TensorClassificationTasks:
         split: str | None = None,
         device: torch.device | str = "cpu",
     ) -> None:
-        if images.dim() == 4:
-            images = images.unsqueeze(2)
-        _validate_task_shape(images, classes, ways, shots, query_shots, split)
+        images, classes = _validate_task_shape(images, classes, ways, shots, query_shots, split)
         self.device = torch.device(device)
         self.classes = torch.as_tensor(classes, dtype=torch.long, device=self.device)
         if self.classes.tolist() == list(range(len(images))):

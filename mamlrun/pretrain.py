@@ -38,6 +38,8 @@ class PretrainEngine:
     def __init__(self, base: Any) -> None:
         self.base = base
         self.model = base.model
+        # The vmap engine runs all tasks in one batched call; other engines go task by task.
+        self._task_outputs = getattr(base, "task_outputs", None)
         self.loss_fn, self.metric_fn = base.loss_fn, base.metric_fn
         self.metric_name, self.higher_is_better = base.metric_name, base.higher_is_better
         self.task_type = base.task_type
@@ -66,10 +68,9 @@ class PretrainEngine:
         del inner_steps, measure_before
         inputs = torch.cat([batch.support_x, batch.query_x], dim=1)
         targets = torch.cat([batch.support_y, batch.query_y], dim=1)
-        task_outputs = getattr(self.base, "task_outputs", None)  # the vmap engine's batched call
-        if task_outputs is not None:
+        if self._task_outputs is not None:
             # every task has as many examples: the mean over all is the mean of per-task means
-            outputs, targets = task_outputs(inputs).flatten(0, 1), targets.flatten(0, 1)
+            outputs, targets = self._task_outputs(inputs).flatten(0, 1), targets.flatten(0, 1)
             loss = self.loss_fn(outputs, targets)
             metric = self.metric_fn(outputs.detach(), targets)
         else:

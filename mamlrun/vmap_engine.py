@@ -206,15 +206,20 @@ class VmapEngine:
             outputs_pre, outputs = self._query(params, query_x, measure_before)
             query_loss = _batch_mean(self.loss_fn, outputs, query_y)
             query_loss.backward()
+        metric_is_loss = self.metric_fn is self.loss_fn  # regression: do not compute it twice
         stats = {"loss_post": query_loss.detach()}
         stats["metric_post"] = (
-            stats["loss_post"]  # regression: the metric is the loss
-            if self.metric_fn is self.loss_fn
+            stats["loss_post"]
+            if metric_is_loss
             else _batch_mean(self.metric_fn, outputs.detach(), query_y)
         )
         if outputs_pre is not None:
             stats["loss_pre"] = _batch_mean(self.loss_fn, outputs_pre, query_y)
-            stats["metric_pre"] = _batch_mean(self.metric_fn, outputs_pre, query_y)
+            stats["metric_pre"] = (
+                stats["loss_pre"]
+                if metric_is_loss
+                else _batch_mean(self.metric_fn, outputs_pre, query_y)
+            )
         values = torch.stack(list(stats.values())).tolist()  # one device sync for all
         return dict(zip(stats, values, strict=True))
 

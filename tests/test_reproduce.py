@@ -15,7 +15,11 @@ from hydra import compose, initialize_config_module
 from conftest import MAMLRUN, QUICK, run_mamlrun
 from mamlrun import builders
 from mamlrun.config import Algorithm, ConfigError, MLPModel, SinusoidDataset, validate
+from mamlrun.engine import Learn2LearnEngine
+from mamlrun.models import mlp
 from mamlrun.pretrain import PretrainEngine
+from mamlrun.tasks import TaskBatch
+from mamlrun.vmap_engine import VmapEngine
 
 # A reproduce run in seconds: 14 of 70,000 iterations, 20 test tasks.
 TINY = [
@@ -78,11 +82,6 @@ def test_pretrain_engine_fits_all_tasks_and_adapts_exactly_like_maml(engine_name
 def test_pretrain_on_the_vmap_engine_normalizes_each_task_on_its_own():
     """The vmap engine batches all tasks into one call; batch norm must still see one task at a
     time, as in the learn2learn engine's per-task loop: same loss and gradients."""
-    from mamlrun.engine import Learn2LearnEngine
-    from mamlrun.models import mlp
-    from mamlrun.tasks import TaskBatch
-    from mamlrun.vmap_engine import VmapEngine
-
     torch.manual_seed(0)
     model = mlp((1, 28, 28), 5, hidden=[32, 16], batch_norm=True).double()
     g = torch.Generator().manual_seed(0)
