@@ -21,10 +21,10 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from mamlrun.models import BatchStatNorm, SpatialMean
+from mamlrun.second_order_ops import batch_norm_relu, grouped_conv2d
 
 # params: per-task tensors [T, *shape] in `model.named_parameters()` order; x: [T, N, *input].
 BatchedForward = Callable[[list[torch.Tensor], torch.Tensor], torch.Tensor]
@@ -54,7 +54,7 @@ class _Activations:
 
 
 def _conv(layer: nn.Conv2d, h: _Activations, weight, bias) -> None:
-    h.tensor = F.conv2d(
+    h.tensor = grouped_conv2d(
         h.as_folded(),
         weight.flatten(0, 1),
         None if bias is None else bias.flatten(),
@@ -75,19 +75,28 @@ def _linear(h: _Activations, weight, bias) -> None:
     h.tensor = out.view(*x.shape[:-1], out.shape[-1])
 
 
-def _batch_stat_norm(layer: BatchStatNorm, h: _Activations, bias, weight) -> None:
-    """Per task and channel: normalize over the task's examples (and positions), then shift."""
+def _norm_layout(h: _Activations) -> tuple[list[int], list[int]]:
+    """The dims batch norm reduces over (a task's examples and positions, per channel) and the
+    shape that broadcasts a per-task, per-channel parameter [T, C] against the activations."""
     x = h.tensor
     if h.folded:  # [N, T * C, H, W]: per-channel statistics are per-task statistics
-        dims, shape = [0, *range(2, x.dim())], [1, -1] + [1] * (x.dim() - 2)
-    else:  # [T, N, C, ...]
-        dims, shape = [1, *range(3, x.dim())], [h.tasks, 1, -1] + [1] * (x.dim() - 3)
+        return [0, *range(2, x.dim())], [1, -1] + [1] * (x.dim() - 2)
+    return [1, *range(3, x.dim())], [h.tasks, 1, -1] + [1] * (x.dim() - 3)  # [T, N, C, ...]
+
+
+def _batch_stat_norm(layer: BatchStatNorm, h: _Activations, bias, weight, relu: bool) -> None:
+    """Per task and channel: normalize over the task's examples (and positions), then shift (and
+    scale), then the following ReLU if `relu`. Shift-only, the paper's, runs as one Function with
+    hand-written derivatives (`mamlrun.second_order_ops`)."""
+    dims, shape = _norm_layout(h)
+    if weight is None:
+        h.tensor = batch_norm_relu(h.tensor, bias.reshape(shape), tuple(dims), layer.eps, relu)
+        return
+    x = h.tensor
     mean = x.mean(dim=dims, keepdim=True)
     var = x.var(dim=dims, unbiased=False, keepdim=True)
-    x = (x - mean) * torch.rsqrt(var + layer.eps)
-    if weight is not None:
-        x = x * weight.reshape(shape)
-    h.tensor = x + bias.reshape(shape)
+    x = (x - mean) * torch.rsqrt(var + layer.eps) * weight.reshape(shape) + bias.reshape(shape)
+    h.tensor = torch.relu(x) if relu else x
 
 
 def _flatten(h: _Activations) -> None:
@@ -133,13 +142,20 @@ def task_batched_forward(model: nn.Module) -> BatchedForward | None:
             return named.get(f"{layer_name}.{key}")
 
         h = _Activations(x, tasks=x.shape[0])
-        for name, layer in layers:
+        fused_relu = False  # the previous batch norm already applied this ReLU
+        for index, (name, layer) in enumerate(layers):
+            if fused_relu:
+                fused_relu = False
+                continue
             if isinstance(layer, nn.Conv2d):
                 _conv(layer, h, param(name, "weight"), param(name, "bias"))
             elif isinstance(layer, nn.Linear):
                 _linear(h, param(name, "weight"), param(name, "bias"))
             elif isinstance(layer, BatchStatNorm):
-                _batch_stat_norm(layer, h, param(name, "bias"), param(name, "weight"))
+                fused_relu = index + 1 < len(layers) and isinstance(layers[index + 1][1], nn.ReLU)
+                _batch_stat_norm(
+                    layer, h, param(name, "bias"), param(name, "weight"), relu=fused_relu
+                )
             elif isinstance(layer, nn.Flatten):
                 _flatten(h)
             elif isinstance(layer, SpatialMean):

@@ -1,0 +1,136 @@
+"""The hand-written derivatives of mamlrun.second_order_ops equal PyTorch's.
+
+Two independent checks: finite differences (`gradcheck` for the first derivative, `gradgradcheck`
+for the second, which is what second-order MAML uses), and the values and first and second
+derivatives of the same computation written with plain PyTorch operations, in float64 and float32.
+"""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from mamlrun.second_order_ops import batch_norm_relu, grouped_conv2d
+
+# (x shape, reduced dims, bias shape): the folded conv layout [N, T*C, H, W] and the task layout
+# [T, N, C] of fully connected layers, as mamlrun.task_batched calls them.
+NORM_LAYOUTS = {
+    "conv": ((4, 6, 5, 5), (0, 2, 3), (1, 6, 1, 1)),
+    "dense": ((3, 7, 4), (1,), (3, 1, 4)),
+}
+
+
+def _reference_norm(x, bias, dims, eps, relu):
+    mean = x.mean(dims, keepdim=True)
+    var = x.var(dims, unbiased=False, keepdim=True)
+    y = (x - mean) * torch.rsqrt(var + eps) + bias
+    return torch.relu(y) if relu else y
+
+
+def _norm_inputs(layout, dtype, seed=0):
+    shape, dims, bias_shape = NORM_LAYOUTS[layout]
+    g = torch.Generator().manual_seed(seed)
+    x = (2 * torch.randn(shape, generator=g, dtype=torch.float64) + 0.5).to(dtype)
+    bias = torch.randn(bias_shape, generator=g, dtype=torch.float64).to(dtype)
+    return x.requires_grad_(), bias.requires_grad_(), dims
+
+
+def _conv_inputs(dtype, bias: bool, x_grad: bool, seed=0):
+    groups, channels, out_channels = 3, 2, 4
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(2, groups * channels, 7, 7, generator=g, dtype=torch.float64).to(dtype)
+    w = torch.randn(groups * out_channels, channels, 3, 3, generator=g, dtype=torch.float64)
+    b = torch.randn(groups * out_channels, generator=g, dtype=torch.float64) if bias else None
+    return (
+        x.requires_grad_(x_grad),
+        w.to(dtype).requires_grad_(),
+        None if b is None else b.to(dtype).requires_grad_(),
+        groups,
+    )
+
+
+def _first_and_second(fn, inputs, seed=1):
+    """Output, gradient of a nonlinear scalar of the output, and gradient of a nonlinear scalar
+    of that gradient: the same shape of computation as a MAML inner step and its meta-gradient."""
+    wrt = [t for t in inputs if t is not None and t.requires_grad]
+    y = fn(*inputs)
+    g = torch.Generator().manual_seed(seed)
+    v = torch.randn(y.shape, generator=g, dtype=torch.float64).to(y.dtype)
+    first = torch.autograd.grad((y * v).sum() + 0.1 * (y * y).sum(), wrt, create_graph=True)
+    second = torch.autograd.grad(sum((f.sin() * (1 + f)).sum() for f in first), wrt)
+    return [y.detach(), *[f.detach() for f in first], *second]
+
+
+def _relative_errors(actual, expected):
+    pairs = zip(actual, expected, strict=True)
+    return [((a - e).norm() / e.norm().clamp_min(1e-30)).item() for a, e in pairs]
+
+
+@pytest.mark.parametrize("layout", NORM_LAYOUTS)
+@pytest.mark.parametrize("relu", [True, False])
+def test_batch_norm_relu_passes_gradcheck_and_gradgradcheck(layout, relu):
+    x, bias, dims = _norm_inputs(layout, torch.float64)
+
+    def fn(x, bias):
+        return batch_norm_relu(x, bias, dims, 1e-3, relu)
+
+    assert torch.autograd.gradcheck(fn, (x, bias))
+    assert torch.autograd.gradgradcheck(fn, (x, bias))
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("layout", NORM_LAYOUTS)
+@pytest.mark.parametrize("relu", [True, False])
+def test_batch_norm_relu_matches_pytorch_composite(layout, relu, dtype):
+    x, bias, dims = _norm_inputs(layout, dtype)
+    ours = _first_and_second(lambda x, b: batch_norm_relu(x, b, dims, 1e-3, relu), (x, bias))
+    reference = _first_and_second(lambda x, b: _reference_norm(x, b, dims, 1e-3, relu), (x, bias))
+    tolerance = 1e-12 if dtype == torch.float64 else 1e-5
+    assert max(_relative_errors(ours, reference)) < tolerance
+
+
+def test_batch_norm_relu_second_derivative_through_the_bias_gradient_only():
+    """The inner step of MAML uses both gradients (input and shift); a loss of the shift's
+    gradient alone exercises the branch of the double backward without an input gradient."""
+    x, bias, dims = _norm_inputs("conv", torch.float64)
+    results = []
+    for fn in (batch_norm_relu, _reference_norm):
+        y = fn(x, bias, dims, 1e-3, True)
+        v = torch.randn(y.shape, generator=torch.Generator().manual_seed(2), dtype=y.dtype)
+        grad_bias = torch.autograd.grad((y * y * v).sum(), bias, create_graph=True)[0]
+        results.append(torch.autograd.grad((grad_bias**2).sum(), x))
+    assert max(_relative_errors(*results)) < 1e-12
+
+
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("x_grad", [True, False])
+def test_grouped_conv_passes_gradcheck_and_gradgradcheck(bias, x_grad):
+    x, w, b, groups = _conv_inputs(torch.float64, bias, x_grad)
+
+    def fn(x, w, b):
+        return grouped_conv2d(x, w, b, (2, 2), (1, 1), (1, 1), groups)
+
+    assert torch.autograd.gradcheck(fn, (x, w, b))
+    assert torch.autograd.gradgradcheck(fn, (x, w, b))
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("x_grad", [True, False])
+def test_grouped_conv_matches_pytorch_conv2d(dtype, bias, x_grad):
+    inputs = _conv_inputs(dtype, bias, x_grad)
+    groups = inputs[-1]
+    ours = _first_and_second(
+        lambda x, w, b: grouped_conv2d(x, w, b, (2, 2), (1, 1), (1, 1), groups), inputs[:3]
+    )
+    reference = _first_and_second(lambda x, w, b: F.conv2d(x, w, b, 2, 1, 1, groups), inputs[:3])
+    tolerance = 1e-12 if dtype == torch.float64 else 1e-5
+    assert max(_relative_errors(ours, reference)) < tolerance
+
+
+def test_third_derivatives_are_refused_not_wrong():
+    """MAML needs second derivatives only; a third must fail loudly rather than be silently 0."""
+    x, bias, dims = _norm_inputs("conv", torch.float64)
+    y = batch_norm_relu(x, bias, dims, 1e-3, True)
+    (grad_x,) = torch.autograd.grad((y * y).sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError, match="second derivatives only"):
+        torch.autograd.grad((grad_x**2).sum(), x, create_graph=True)
