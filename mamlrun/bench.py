@@ -10,7 +10,9 @@ machine noise hits them alike, each timed over several repeats:
 - `mamlrun learn2learn`: mamlrun's training step with `algorithm.engine=learn2learn`.
 - `mamlrun vmap`: mamlrun's training step with `algorithm.engine=vmap`.
 - with `ablation=true`, also `mamlrun vmap, torch.func only`: the same engine running the model
-  through `vmap` + `functional_call` instead of its written-out task-batched layers.
+  through `vmap` + `functional_call` instead of its written-out task-batched layers, and, where
+  the batch-norm kernels are compiled (`compile=true`, the default on a CPU as in
+  `conf/hardware/cpu.yaml`), `mamlrun vmap, eager batch norm`: the same engine without compiling.
 
 All use the paper's settings (second-order MAML). Omniglot uses the real images when found, else
 random images of the right shape; miniImageNet uses random images (its images are not shipped).
@@ -74,7 +76,8 @@ SETTINGS = {
     "miniimagenet_5w1s": Setting("miniimagenet_5w1s", 5, 1, 15, 4, 5, 0.01),
 }
 CONTENDERS = ("learn2learn example", "mamlrun learn2learn", "mamlrun vmap")
-ABLATION = "mamlrun vmap, torch.func only"
+ABLATION_VMAP = "mamlrun vmap, torch.func only"
+ABLATION_EAGER = "mamlrun vmap, eager batch norm"
 
 
 def _images(setting: Setting, omniglot_root: Path | None) -> tuple[torch.Tensor, str]:
@@ -172,7 +175,12 @@ def _plain_learn2learn(setting: Setting, images, device) -> Callable[[], None]:
 
 
 def _mamlrun_step(
-    setting: Setting, images, device, engine_name: str, batching: str = "layers"
+    setting: Setting,
+    images,
+    device,
+    engine_name: str,
+    batching: str = "layers",
+    compile_kernels: bool = False,
 ) -> Callable[[], None]:
     """One meta-iteration of mamlrun's training loop: the given engine, the tensor sampler."""
     model = _model(setting).to(device)
@@ -181,7 +189,12 @@ def _mamlrun_step(
         from mamlrun.vmap_engine import VmapEngine
 
         engine = VmapEngine(
-            model, setting.inner_lr, first_order=False, task_type=task_type, batching=batching
+            model,
+            setting.inner_lr,
+            first_order=False,
+            task_type=task_type,
+            batching=batching,
+            compile_kernels=compile_kernels,
         )
     else:
         engine = Learn2LearnEngine(model, setting.inner_lr, first_order=False, task_type=task_type)
@@ -248,6 +261,7 @@ def run_bench(args: list[str]) -> None:
         "output": "docs/benchmarks.md",
         "omniglot_root": "",
         "ablation": "false",
+        "compile": "auto",
     }
     for arg in args:
         key, sep, value = arg.partition("=")
@@ -256,7 +270,8 @@ def run_bench(args: list[str]) -> None:
         options[key] = value
     if options["ablation"] not in ("true", "false"):
         raise UserError(f"ablation={options['ablation']}: expected true or false")
-    contenders = CONTENDERS + ((ABLATION,) if options["ablation"] == "true" else ())
+    if options["compile"] not in ("auto", "true", "false"):
+        raise UserError(f"compile={options['compile']}: expected auto, true or false")
     names = options["settings"].split(",")
     for name in names:
         if name not in SETTINGS:
@@ -269,6 +284,12 @@ def run_bench(args: list[str]) -> None:
             deterministic=False,
         )
     )
+    # auto: as training runs by default on this device (conf/hardware/cpu.yaml, cuda.yaml)
+    compiled = options["compile"] == "true" or (
+        options["compile"] == "auto" and device.type == "cpu"
+    )
+    ablations = (ABLATION_VMAP, ABLATION_EAGER) if compiled else (ABLATION_VMAP,)
+    contenders = CONTENDERS + (ablations if options["ablation"] == "true" else ())
     root = options["omniglot_root"] or os.environ.get("MAMLRUN_DATA")
     hardware = hardware_description(device)
     console.info(f"benchmarking on {hardware}")
@@ -283,10 +304,16 @@ def run_bench(args: list[str]) -> None:
         steps = {
             "learn2learn example": _plain_learn2learn(setting, images, device),
             "mamlrun learn2learn": _mamlrun_step(setting, images, device, "learn2learn"),
-            "mamlrun vmap": _mamlrun_step(setting, images, device, "vmap"),
+            "mamlrun vmap": _mamlrun_step(
+                setting, images, device, "vmap", compile_kernels=compiled
+            ),
         }
-        if ABLATION in contenders:
-            steps[ABLATION] = _mamlrun_step(setting, images, device, "vmap", batching="vmap")
+        if ABLATION_VMAP in contenders:
+            steps[ABLATION_VMAP] = _mamlrun_step(
+                setting, images, device, "vmap", batching="vmap", compile_kernels=compiled
+            )
+        if ABLATION_EAGER in contenders:
+            steps[ABLATION_EAGER] = _mamlrun_step(setting, images, device, "vmap")
         rates: dict[str, list[float]] = {c: [] for c in contenders}
         memory: dict[str, float] = {}
         for step in steps.values():  # warm-up: allocator, caches, lazy initialisation

@@ -142,13 +142,15 @@ def model_for(model_cfg: Any, dataset: Any) -> nn.Module:
     return build_model(model_cfg.name, input_shape(dataset), outputs, **options)
 
 
-def engine_for(model: nn.Module, algorithm: Algorithm, dataset: Any) -> Learn2LearnEngine:
+def engine_for(
+    model: nn.Module, algorithm: Algorithm, dataset: Any, hardware: Hardware
+) -> Learn2LearnEngine:
     """The engine chosen by `algorithm.engine`; both compute the same MAML updates."""
     if algorithm.name == "pretrain":  # trains differently, adapts at test exactly as MAML
         from mamlrun.pretrain import PretrainEngine
 
         return PretrainEngine(
-            engine_for(model, dataclasses.replace(algorithm, name="maml"), dataset)
+            engine_for(model, dataclasses.replace(algorithm, name="maml"), dataset, hardware)
         )
     if algorithm.engine == "vmap":
         from mamlrun.vmap_engine import VmapEngine
@@ -158,6 +160,7 @@ def engine_for(model: nn.Module, algorithm: Algorithm, dataset: Any) -> Learn2Le
             inner_lr=algorithm.inner_lr,
             first_order=algorithm.first_order,
             task_type=task_type(dataset),
+            compile_kernels=hardware.compile,
         )
     return Learn2LearnEngine(
         model,

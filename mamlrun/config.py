@@ -129,6 +129,7 @@ class Hardware:
     device: str = "cpu"
     threads: int = 0  # 0: all cores
     deterministic: bool = True
+    compile: bool = False  # torch.compile the vmap engine's batch-norm kernels
 
 
 @dataclass

@@ -169,7 +169,7 @@ def run_eval(cfg: DictConfig) -> dict[str, float]:
     builders.seed_everything(settings["seed"])
     model = builders.model_for(typed["model"], typed["dataset"]).to(device)
     model.load_state_dict(payload["model"])
-    engine = builders.engine_for(model, typed["algorithm"], typed["dataset"])
+    engine = builders.engine_for(model, typed["algorithm"], typed["dataset"], typed["hardware"])
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     console.info(f"Evaluating {checkpoint_path} (iteration {payload['iteration']}) → {run_dir}")
     from mamlrun.train import make_tracker  # train owns the tracker set-up

@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from mamlrun.models import BatchStatNorm, SpatialMean
-from mamlrun.second_order_ops import batch_norm_relu, grouped_conv2d
+from mamlrun.second_order_ops import EAGER_KERNELS, NormKernels, batch_norm_relu, grouped_conv2d
 
 # params: per-task tensors [T, *shape] in `model.named_parameters()` order; x: [T, N, *input].
 BatchedForward = Callable[[list[torch.Tensor], torch.Tensor], torch.Tensor]
@@ -41,7 +41,9 @@ class _Activations:
     def as_folded(self) -> torch.Tensor:
         if not self.folded:
             x = self.tensor  # [T, N, C, H, W]
-            self.tensor = x.transpose(0, 1).reshape(x.shape[1], -1, *x.shape[3:])
+            # contiguous: with one channel the reshape is a strided view, and convolution_backward
+            # then copies its (much larger) output gradient into a matching layout on every call.
+            self.tensor = x.transpose(0, 1).reshape(x.shape[1], -1, *x.shape[3:]).contiguous()
             self.folded = True
         return self.tensor
 
@@ -84,13 +86,17 @@ def _norm_layout(h: _Activations) -> tuple[list[int], list[int]]:
     return [1, *range(3, x.dim())], [h.tasks, 1, -1] + [1] * (x.dim() - 3)  # [T, N, C, ...]
 
 
-def _batch_stat_norm(layer: BatchStatNorm, h: _Activations, bias, weight, relu: bool) -> None:
+def _batch_stat_norm(
+    layer: BatchStatNorm, h: _Activations, bias, weight, relu: bool, kernels: NormKernels
+) -> None:
     """Per task and channel: normalize over the task's examples (and positions), then shift (and
     scale), then the following ReLU if `relu`. Shift-only, the paper's, runs as one Function with
     hand-written derivatives (`mamlrun.second_order_ops`)."""
     dims, shape = _norm_layout(h)
     if weight is None:
-        h.tensor = batch_norm_relu(h.tensor, bias.reshape(shape), tuple(dims), layer.eps, relu)
+        h.tensor = batch_norm_relu(
+            h.tensor, bias.reshape(shape), tuple(dims), layer.eps, relu, kernels
+        )
         return
     x = h.tensor
     mean = x.mean(dim=dims, keepdim=True)
@@ -119,12 +125,15 @@ def _supported(layer: nn.Module) -> bool:
     return isinstance(layer, (nn.Linear, BatchStatNorm, SpatialMean, *_ELEMENTWISE))
 
 
-def task_batched_forward(model: nn.Module) -> BatchedForward | None:
+def task_batched_forward(
+    model: nn.Module, kernels: NormKernels = EAGER_KERNELS
+) -> BatchedForward | None:
     """A forward over per-task parameters for `model`, or None when it has other layers.
 
     Only an `nn.Sequential` whose children are all of the supported types (Linear, Conv2d,
     BatchStatNorm, ReLU, Tanh, MaxPool2d, Flatten, SpatialMean), without shared weights,
-    qualifies: anything else may behave in ways this module does not reproduce.
+    qualifies: anything else may behave in ways this module does not reproduce. `kernels` runs
+    batch norm: eagerly or compiled (`mamlrun.second_order_ops.compiled_kernels()`).
     """
     if not isinstance(model, nn.Sequential):
         return None
@@ -154,7 +163,7 @@ def task_batched_forward(model: nn.Module) -> BatchedForward | None:
             elif isinstance(layer, BatchStatNorm):
                 fused_relu = index + 1 < len(layers) and isinstance(layers[index + 1][1], nn.ReLU)
                 _batch_stat_norm(
-                    layer, h, param(name, "bias"), param(name, "weight"), relu=fused_relu
+                    layer, h, param(name, "bias"), param(name, "weight"), fused_relu, kernels
                 )
             elif isinstance(layer, nn.Flatten):
                 _flatten(h)

@@ -114,7 +114,7 @@ def run_train(cfg: DictConfig) -> float:
     if typed["print_config"]:
         console.print_config_tree(config, title=f"mamlrun train → {run_dir}")
     model = builders.model_for(typed["model"], dataset).to(device)
-    engine = builders.engine_for(model, algorithm, dataset)
+    engine = builders.engine_for(model, algorithm, dataset, typed["hardware"])
     if device.type == "cpu" and algorithm.engine == "vmap" and dataset.name == "miniimagenet":
         warnings.warn(
             "on a CPU, algorithm.engine=learn2learn meta-trains miniImageNet about 1.6x faster "

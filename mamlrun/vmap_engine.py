@@ -34,6 +34,7 @@ from torch.func import functional_call, vmap
 
 from mamlrun.engine import TASK_TYPES, LossFn
 from mamlrun.errors import UserError
+from mamlrun.second_order_ops import EAGER_KERNELS, compiled_kernels
 from mamlrun.task_batched import task_batched_forward
 from mamlrun.tasks import TaskBatch
 
@@ -99,6 +100,8 @@ class VmapEngine:
         batching: "layers" runs models made only of the paper's layer types through
             `mamlrun.task_batched` (faster, same numbers) and any other model through vmap;
             "vmap" always uses vmap.
+        compile_kernels: on the "layers" path, run batch norm's formulas through
+            `torch.compile` (`hardware.compile`; see `mamlrun.second_order_ops.NormKernels`).
 
     Example:
         >>> engine = VmapEngine(model, inner_lr=0.01, first_order=False)
@@ -114,6 +117,7 @@ class VmapEngine:
         task_type: str = "regression",
         curve_chunk: int = 100,
         batching: str = "layers",
+        compile_kernels: bool = False,
     ) -> None:
         _check_vmappable(model)
         self.model = model
@@ -130,7 +134,8 @@ class VmapEngine:
         # mask, as separate calls would.
         self._vmapped = vmap(self._call, randomness="different")
         self._vmapped_query = vmap(self._query_outputs, randomness="different")
-        self._batched = task_batched_forward(model) if batching == "layers" else None
+        kernels = compiled_kernels() if compile_kernels else EAGER_KERNELS
+        self._batched = task_batched_forward(model, kernels) if batching == "layers" else None
         self._forward = self._batched or self._vmapped
 
     def _call(self, params: list[torch.Tensor], x: torch.Tensor) -> torch.Tensor:

@@ -2,7 +2,7 @@
 machine. Speeds are not asserted here (they are the benchmark's output, not a test)."""
 
 from conftest import run_mamlrun
-from mamlrun.bench import ABLATION, CONTENDERS
+from mamlrun.bench import ABLATION_EAGER, ABLATION_VMAP, CONTENDERS
 
 
 def _table_rows(text: str) -> list[list[str]]:
@@ -17,7 +17,8 @@ def test_bench_writes_one_row_per_contender_and_replaces_its_section(tmp_path):
     run_mamlrun(*args, cwd=tmp_path)
     first = output.read_text()
     rows = _table_rows(first)
-    assert [row[1] for row in rows] == [*CONTENDERS, ABLATION]
+    # on a CPU the default compiles batch norm, so the eager kernels are an ablation row too
+    assert [row[1] for row in rows] == [*CONTENDERS, ABLATION_VMAP, ABLATION_EAGER]
     assert all(row[0] == "sinusoid" for row in rows)
     rates = {row[1]: float(row[2]) for row in rows}
     ratios = {row[1]: float(row[5].rstrip("×")) for row in rows}
@@ -30,6 +31,14 @@ def test_bench_writes_one_row_per_contender_and_replaces_its_section(tmp_path):
 
     run_mamlrun(*args, cwd=tmp_path)  # same machine: its section is replaced, not appended
     assert output.read_text().count("\n## ") == 1
+
+
+def test_bench_without_compiling_has_no_eager_ablation_row(tmp_path):
+    output = tmp_path / "bench.md"
+    args = ("bench", "settings=sinusoid", "repeats=1", "seconds=0.1", "compile=false")
+    run_mamlrun(*args, "ablation=true", f"output={output}", cwd=tmp_path)
+    assert [row[1] for row in _table_rows(output.read_text())] == [*CONTENDERS, ABLATION_VMAP]
+    assert "compile=false" in output.read_text()  # the command line is recorded
 
 
 def test_bench_rejects_unknown_settings_in_one_line(tmp_path):

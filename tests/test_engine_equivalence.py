@@ -119,20 +119,26 @@ def _relative_error(actual, expected) -> float:
     return ((actual - expected).norm() / expected.norm().clamp_min(1e-12)).item()
 
 
-@pytest.mark.parametrize("batching", ["layers", "vmap"])
+# How VmapEngine runs the model: written-out layers (batch norm eager or compiled) or vmap.
+PATHS = {
+    "layers": {"batching": "layers"},
+    "layers_compiled": {"batching": "layers", "compile_kernels": True},
+    "vmap": {"batching": "vmap"},
+}
+
+
+@pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("inner_steps", [1, 5])
 @pytest.mark.parametrize("first_order", [False, True], ids=["second_order", "first_order"])
 @pytest.mark.parametrize("case", CASES)
-def test_vmap_engine_matches_learn2learn(case, first_order, inner_steps, batching, dtype):
+def test_vmap_engine_matches_learn2learn(case, first_order, inner_steps, path, dtype):
     c = CASES[case]
     torch.manual_seed(0)
     model = c.build()
     batch = _batch(c.input_shape, c.ways, c.tasks, c.support, c.query)
     reference = Learn2LearnEngine(copy.deepcopy(model), c.inner_lr, first_order, c.task_type)
-    engine = VmapEngine(
-        copy.deepcopy(model), c.inner_lr, first_order, c.task_type, batching=batching
-    )
-    assert (engine._batched is not None) == (batching == "layers")  # the path under test ran
+    engine = VmapEngine(copy.deepcopy(model), c.inner_lr, first_order, c.task_type, **PATHS[path])
+    assert (engine._batched is not None) == (path != "vmap")  # the path under test ran
     tolerance = TOLERANCE[dtype]
     if dtype == torch.float32 and any(isinstance(m, nn.MaxPool2d) for m in model.modules()):
         tolerance = POOLING_FLOAT32_TOLERANCE

@@ -14,7 +14,14 @@ from hydra import compose, initialize_config_module
 
 from conftest import MAMLRUN, QUICK, run_mamlrun
 from mamlrun import builders
-from mamlrun.config import Algorithm, ConfigError, MLPModel, SinusoidDataset, validate
+from mamlrun.config import (
+    Algorithm,
+    ConfigError,
+    Hardware,
+    MLPModel,
+    SinusoidDataset,
+    validate,
+)
 from mamlrun.engine import Learn2LearnEngine
 from mamlrun.models import mlp
 from mamlrun.pretrain import PretrainEngine
@@ -38,7 +45,7 @@ def test_pretrain_engine_fits_all_tasks_and_adapts_exactly_like_maml(engine_name
     torch.manual_seed(0)
     model = builders.model_for(MLPModel(), dataset)
     algorithm = Algorithm(name="pretrain", inner_steps=0, engine=engine_name)
-    engine = builders.engine_for(model, algorithm, dataset)
+    engine = builders.engine_for(model, algorithm, dataset, Hardware())
     assert isinstance(engine, PretrainEngine)
     tasks = builders.task_sampler(dataset, "train", seed=0)
 
@@ -67,7 +74,9 @@ def test_pretrain_engine_fits_all_tasks_and_adapts_exactly_like_maml(engine_name
     assert after < 0.9 * before, (before, after)
 
     # At test time it is MAML: same fine-tuning steps, same numbers.
-    maml = builders.engine_for(model, Algorithm(name="maml", engine=engine_name), dataset)
+    maml = builders.engine_for(
+        model, Algorithm(name="maml", engine=engine_name), dataset, Hardware()
+    )
     test = builders.task_sampler(dataset, "test", seed=1, shots=5).sample(4)
     ours, theirs = engine.adaptation_curve(test, 3), maml.adaptation_curve(test, 3)
     assert torch.equal(ours["mse"], theirs["mse"])

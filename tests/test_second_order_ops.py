@@ -5,11 +5,20 @@ for the second, which is what second-order MAML uses), and the values and first 
 derivatives of the same computation written with plain PyTorch operations, in float64 and float32.
 """
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 import torch.nn.functional as F
 
-from mamlrun.second_order_ops import batch_norm_relu, grouped_conv2d
+from mamlrun.second_order_ops import (
+    EAGER_KERNELS,
+    batch_norm_relu,
+    compiled_kernels,
+    grouped_conv2d,
+)
 
 # (x shape, reduced dims, bias shape): the folded conv layout [N, T*C, H, W] and the task layout
 # [T, N, C] of fully connected layers, as mamlrun.task_batched calls them.
@@ -34,8 +43,8 @@ def _norm_inputs(layout, dtype, seed=0):
     return x.requires_grad_(), bias.requires_grad_(), dims
 
 
-def _conv_inputs(dtype, bias: bool, x_grad: bool, seed=0):
-    groups, channels, out_channels = 3, 2, 4
+def _conv_inputs(dtype, bias: bool, x_grad: bool, channels: int = 2, seed=0):
+    groups, out_channels = 3, 4
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(2, groups * channels, 7, 7, generator=g, dtype=torch.float64).to(dtype)
     w = torch.randn(groups * out_channels, channels, 3, 3, generator=g, dtype=torch.float64)
@@ -101,10 +110,19 @@ def test_batch_norm_relu_second_derivative_through_the_bias_gradient_only():
     assert max(_relative_errors(*results)) < 1e-12
 
 
+def _path(x_grad: bool, channels: int) -> str:
+    """Which Function grouped_conv2d picks: unfold + matmul for a one-channel input without
+    gradient (the first layer of Omniglot's conv4), grouped convolution otherwise."""
+    return "_InputConv" if channels == 1 and not x_grad else "_GroupedConv"
+
+
+@pytest.mark.parametrize("channels", [1, 2])
 @pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("x_grad", [True, False])
-def test_grouped_conv_passes_gradcheck_and_gradgradcheck(bias, x_grad):
-    x, w, b, groups = _conv_inputs(torch.float64, bias, x_grad)
+def test_grouped_conv_passes_gradcheck_and_gradgradcheck(bias, x_grad, channels):
+    x, w, b, groups = _conv_inputs(torch.float64, bias, x_grad, channels)
+    y = grouped_conv2d(x, w, b, (2, 2), (1, 1), (1, 1), groups)
+    assert type(y.grad_fn).__name__ == _path(x_grad, channels) + "Backward"
 
     def fn(x, w, b):
         return grouped_conv2d(x, w, b, (2, 2), (1, 1), (1, 1), groups)
@@ -114,10 +132,11 @@ def test_grouped_conv_passes_gradcheck_and_gradgradcheck(bias, x_grad):
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("channels", [1, 2])
 @pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("x_grad", [True, False])
-def test_grouped_conv_matches_pytorch_conv2d(dtype, bias, x_grad):
-    inputs = _conv_inputs(dtype, bias, x_grad)
+def test_grouped_conv_matches_pytorch_conv2d(dtype, bias, x_grad, channels):
+    inputs = _conv_inputs(dtype, bias, x_grad, channels)
     groups = inputs[-1]
     ours = _first_and_second(
         lambda x, w, b: grouped_conv2d(x, w, b, (2, 2), (1, 1), (1, 1), groups), inputs[:3]
@@ -134,3 +153,54 @@ def test_third_derivatives_are_refused_not_wrong():
     (grad_x,) = torch.autograd.grad((y * y).sum(), x, create_graph=True)
     with pytest.raises(RuntimeError, match="second derivatives only"):
         torch.autograd.grad((grad_x**2).sum(), x, create_graph=True)
+
+
+def test_compiled_kernels_match_eager_and_fall_back_when_compiling_fails(tmp_path):
+    """Where torch.compile cannot build the kernels (here: no working C++ compiler, in a fresh
+    process and cache), training goes on with the eager formulas after one warning."""
+    script = """
+import warnings, torch
+from mamlrun.second_order_ops import EAGER_KERNELS, compiled_kernels
+x, bias = torch.randn(4, 6, 5, 5), torch.randn(1, 6, 1, 1)
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    compiled = compiled_kernels().forward(x, bias, (0, 2, 3), 1e-3, True)
+    again = compiled_kernels().forward(x, bias, (0, 2, 3), 1e-3, True)
+eager = EAGER_KERNELS.forward(x, bias, (0, 2, 3), 1e-3, True)
+assert all(torch.equal(a, b) for a, b in zip(compiled + again, eager + eager))
+print(len(caught), caught[0].message if caught else "")
+"""
+    env = {
+        **os.environ,
+        "CXX": str(tmp_path / "no-such-compiler"),
+        "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "inductor"),
+    }
+    result = subprocess.run(
+        [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 0, result.stderr
+    count, message = result.stdout.strip().split(" ", 1)
+    assert count == "1"
+    assert "torch.compile of the batch-norm kernels failed" in message
+    assert "hardware.compile=false" in message
+
+
+@pytest.mark.parametrize("layout", NORM_LAYOUTS)
+def test_compiled_kernels_match_eager(layout):
+    """`hardware.compile` changes the speed of the batch-norm formulas, not their values."""
+    x, bias, dims = _norm_inputs(layout, torch.float32)
+    x, bias = x.detach(), bias.detach()
+    g = torch.Generator().manual_seed(3)
+    grad_y, gg_x = (torch.randn(x.shape, generator=g) for _ in range(2))
+    gg_bias = torch.randn(bias.shape, generator=g)
+    results = []
+    for kernels in (compiled_kernels(), EAGER_KERNELS):
+        y, normalized, rstd = kernels.forward(x, bias, dims, 1e-3, True)
+        grad_x, grad_bias, projected, mean_gn = kernels.backward(
+            grad_y, normalized, rstd, y, dims, True
+        )
+        second = kernels.double_backward(
+            gg_x, gg_bias, projected, normalized, rstd, y, mean_gn, dims, True
+        )
+        results.append([y, grad_x, grad_bias, *second])
+    assert max(_relative_errors(*results)) < 1e-5
