@@ -76,6 +76,38 @@ class _ConvSpec:
     def forward(self, x, weight, bias=None):
         return F.conv2d(x, weight, bias, self.stride, self.padding, self.dilation, self.groups)
 
+    def shared_forward(self, x, weight, bias=None):
+        """The grouped convolution when every group has the same `weight` [O, C, kh, kw] (and
+        bias [O]): one dense convolution of all groups' channels as a batch of N * groups."""
+        n = x.shape[0]
+        out = F.conv2d(
+            x.reshape(n * self.groups, -1, *x.shape[2:]),
+            weight,
+            bias,
+            self.stride,
+            self.padding,
+            self.dilation,
+        )
+        return out.view(n, -1, *out.shape[2:])
+
+    def shared_input_grad(self, grad_out, x, weight):
+        """Gradient wrt x of `shared_forward(x, weight)`, as one dense call."""
+        n, groups = x.shape[0], self.groups
+        grad_x = _conv_backward(
+            grad_out.reshape(n * groups, -1, *grad_out.shape[2:]),
+            x.reshape(n * groups, -1, *x.shape[2:]),
+            weight,
+            None,
+            self.stride,
+            self.padding,
+            self.dilation,
+            False,
+            (0, 0),
+            1,
+            (True, False, False),
+        )[0]
+        return grad_x.view(x.shape)
+
     def backward(self, grad_out, x, weight, mask, bias_sizes=None):
         """(grad wrt x, grad wrt weight, grad wrt bias) of conv(x, weight); None where mask is
         False. One grouped call, whatever the number of groups."""
@@ -95,24 +127,35 @@ class _ConvSpec:
 
 
 class _GroupedConv(torch.autograd.Function):
-    """conv2d(x, weight, bias); its backward is `_GroupedConvGrad`, with a hand-written backward."""
+    """conv2d(x, weight, bias); its backward is `_GroupedConvGrad`, with a hand-written backward.
+
+    `shared`: None, or the one weight every group has ([O, C, kh, kw], values only) when the
+    per-task weights are copies of the meta-parameters (the first inner step): the products with
+    the weight itself then run as dense convolutions over N * groups examples, which oneDNN does
+    about 1.3x faster than the grouped ones. Gradients wrt the weight stay per group.
+    """
 
     @staticmethod
-    def forward(ctx, x, weight, bias, spec: _ConvSpec):
+    def forward(ctx, x, weight, bias, spec: _ConvSpec, shared):
         ctx.save_for_backward(x, weight)
-        ctx.spec, ctx.has_bias = spec, bias is not None
+        ctx.spec, ctx.has_bias, ctx.shared = spec, bias is not None, shared
+        if shared is not None:
+            return spec.shared_forward(x, shared, None if bias is None else bias[: len(shared)])
         return spec.forward(x, weight, bias)
 
     @staticmethod
     def backward(ctx, grad_out):
         x, weight = ctx.saved_tensors
         need_x, need_weight, need_bias = ctx.needs_input_grad[:3]
-        grads = _GroupedConvGrad.apply(grad_out, x, weight, ctx.spec, need_x, ctx.has_bias)
+        grads = _GroupedConvGrad.apply(
+            grad_out, x, weight, ctx.spec, need_x, ctx.has_bias, ctx.shared
+        )
         grad_x, grad_weight, grad_bias = grads
         return (
             grad_x if need_x else None,
             grad_weight if need_weight else None,
             grad_bias if need_bias else None,
+            None,
             None,
         )
 
@@ -125,14 +168,17 @@ class _GroupedConvGrad(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, grad_out, x, weight, spec: _ConvSpec, need_x: bool, has_bias: bool):
+    def forward(ctx, grad_out, x, weight, spec: _ConvSpec, need_x: bool, has_bias: bool, shared):
         ctx.set_materialize_grads(False)  # unused outputs arrive as None, not as zeros to convolve
         bias_sizes = [weight.shape[0]] if has_bias else None
+        grouped_x = need_x and shared is None
         grad_x, grad_weight, grad_bias = spec.backward(
-            grad_out, x, weight, (need_x, True, has_bias), bias_sizes
+            grad_out, x, weight, (grouped_x, True, has_bias), bias_sizes
         )
+        if need_x and shared is not None:
+            grad_x = spec.shared_input_grad(grad_out, x, shared)
         ctx.save_for_backward(grad_out, x, weight)
-        ctx.spec = spec
+        ctx.spec, ctx.shared = spec, shared
         empty = grad_out.new_empty(0)
         return (
             empty if grad_x is None else grad_x,
@@ -158,7 +204,9 @@ class _GroupedConvGrad(torch.autograd.Function):
             terms = []
             if gg_weight is not None:
                 terms.append(spec.forward(x, gg_weight))
-            if has_gg_x:
+            if has_gg_x and ctx.shared is not None:
+                terms.append(spec.shared_forward(gg_x, ctx.shared))
+            elif has_gg_x:
                 terms.append(spec.forward(gg_x, weight))
             if has_gg_bias:
                 terms.append(gg_bias.view(1, -1, 1, 1).expand_as(grad_out))
@@ -167,7 +215,7 @@ class _GroupedConvGrad(torch.autograd.Function):
             d_x = spec.backward(grad_out, x, gg_weight, (True, False, False))[0]
         if need_weight and has_gg_x:
             d_weight = spec.backward(grad_out, gg_x, weight, (False, True, False))[1]
-        return d_grad_out, d_x, d_weight, None, None, None
+        return d_grad_out, d_x, d_weight, None, None, None, None
 
 
 class _InputConv(torch.autograd.Function):
@@ -246,9 +294,14 @@ class _InputConvGrad(torch.autograd.Function):
 _INPUT_CONV_MAX_ELEMENTS = 1 << 23
 
 
-def grouped_conv2d(x, weight, bias, stride, padding, dilation, groups: int) -> torch.Tensor:
+def grouped_conv2d(
+    x, weight, bias, stride, padding, dilation, groups: int, shared_weight=None
+) -> torch.Tensor:
     """`F.conv2d(x, weight, bias, stride, padding, dilation, groups)`, same values and
-    gradients, with a double backward that makes one grouped call (or matmul) per term."""
+    gradients, with a double backward that makes one grouped call (or matmul) per term.
+
+    shared_weight: if every group's weight (and bias) is the same, that weight [O, C, kh, kw]:
+    its values make the products with the weight dense convolutions (see `_GroupedConv`)."""
     spec = _ConvSpec(stride, padding, dilation, groups)
     # Only for one input channel per group: with RGB inputs (miniImageNet) oneDNN is not slow, and
     # a different summation order would change float32 roundings, so max-pooling ties would break
@@ -257,7 +310,8 @@ def grouped_conv2d(x, weight, bias, stride, padding, dilation, groups: int) -> t
     one_channel = weight.shape[1] == 1
     if one_channel and not x.requires_grad and unfolded <= _INPUT_CONV_MAX_ELEMENTS:
         return _InputConv.apply(x, weight, bias, spec)
-    return _GroupedConv.apply(x, weight, bias, spec)
+    shared = None if shared_weight is None else shared_weight.detach()
+    return _GroupedConv.apply(x, weight, bias, spec, shared)
 
 
 def _norm_forward(x, bias, dims: tuple[int, ...], eps: float, relu: bool):

@@ -56,6 +56,9 @@ class _Activations:
 
 
 def _conv(layer: nn.Conv2d, h: _Activations, weight, bias) -> None:
+    # Per-task parameters that are views of the meta-parameters (expanded: stride 0 over tasks,
+    # the first inner step) are one weight for all tasks, which grouped_conv2d exploits.
+    shared = weight.stride(0) == 0 and (bias is None or bias.stride(0) == 0)
     h.tensor = grouped_conv2d(
         h.as_folded(),
         weight.flatten(0, 1),
@@ -64,6 +67,7 @@ def _conv(layer: nn.Conv2d, h: _Activations, weight, bias) -> None:
         layer.padding,
         layer.dilation,
         groups=h.tasks,
+        shared_weight=weight[0] if shared else None,
     )
 
 

@@ -146,6 +146,29 @@ def test_grouped_conv_matches_pytorch_conv2d(dtype, bias, x_grad, channels):
     assert max(_relative_errors(ours, reference)) < tolerance
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_grouped_conv_with_one_shared_weight_keeps_per_group_gradients(dtype):
+    """At MAML's first inner step every task's weight is the meta-parameter: the products with the
+    weight run as one dense convolution, but the gradients (and their derivatives) wrt each
+    task's copy must stay those of the grouped convolution."""
+    groups, channels, out_channels = 3, 2, 4
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, groups * channels, 7, 7, generator=g, dtype=torch.float64).to(dtype)
+    w = torch.randn(out_channels, channels, 3, 3, generator=g, dtype=torch.float64).to(dtype)
+    b = torch.randn(out_channels, generator=g, dtype=torch.float64).to(dtype)
+    x, w, b = x.requires_grad_(), w.requires_grad_(), b.requires_grad_()
+    # per-task copies, as the engine makes them: views of the meta-parameters, flattened
+    weight = w.expand(groups, *w.shape).flatten(0, 1)
+    bias = b.expand(groups, *b.shape).flatten()
+    inputs = (x, weight, bias)
+    ours = _first_and_second(
+        lambda x, wt, bs: grouped_conv2d(x, wt, bs, (2, 2), (1, 1), (1, 1), groups, w), inputs
+    )
+    reference = _first_and_second(lambda x, wt, bs: F.conv2d(x, wt, bs, 2, 1, 1, groups), inputs)
+    tolerance = 1e-12 if dtype == torch.float64 else 1e-5
+    assert max(_relative_errors(ours, reference)) < tolerance
+
+
 def test_third_derivatives_are_refused_not_wrong():
     """MAML needs second derivatives only; a third must fail loudly rather than be silently 0."""
     x, bias, dims = _norm_inputs("conv", torch.float64)
