@@ -56,15 +56,16 @@ ROOT = Path("outputs/reproduce")
 
 # Meta-training throughput in tasks per second, measured per preset on the 2-core Intel Xeon
 # development CPU (both cores, torch 2.14): sinusoid from full `mamlrun reproduce sinusoid` runs
-# (validation included), the others from timed training steps of the preset's engine on real
-# Omniglot or random miniImageNet-shaped images. Only for rough time estimates; a GPU is much
-# faster on the conv presets. Evaluation is not included.
+# (validation included); omniglot_5w1s and omniglot_20w1s from `mamlrun bench` (docs/benchmarks.md,
+# with the hand-written second derivatives and compiled batch norm); the others from timed
+# training steps of the preset's engine before those, so they now underestimate the speed. Only
+# for rough time estimates; a GPU is much faster on the conv presets. Evaluation is not included.
 CPU_TASKS_PER_SECOND: dict[str, float] = {
     "sinusoid_maml": 7800,
     "sinusoid_pretrained": 18000,
-    "omniglot_5w1s": 130,
+    "omniglot_5w1s": 220,
     "omniglot_5w5s": 23,
-    "omniglot_20w1s": 11,
+    "omniglot_20w1s": 17,
     "omniglot_20w5s": 1.1,
     "omniglot_mlp_5w1s": 450,
     "omniglot_mlp_5w5s": 360,

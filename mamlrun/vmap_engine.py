@@ -18,9 +18,11 @@ For models built only from the paper's layer types, the forward runs through
 `mamlrun.task_batched` (the same per-task computation written out as batched matmuls and grouped
 convolutions) instead of `vmap`: faster, same numbers.
 
+Second-order MAML differentiates each layer's backward pass once more; for the written-out
+convolutions and batch norm those second derivatives are hand-written (`mamlrun.second_order_ops`).
+
 The results equal `Learn2LearnEngine`'s (tests/test_engine_equivalence.py). On a 2-core CPU it is
-13x the learn2learn example on the sinusoid MLP but 2.8x on Omniglot conv4, whose convolutions and
-batch norms cost the same arithmetic in both engines (docs/benchmarks.md).
+12.7x the learn2learn example on the sinusoid MLP and 4.9x on Omniglot conv4 (docs/benchmarks.md).
 """
 
 from __future__ import annotations

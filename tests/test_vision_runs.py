@@ -101,9 +101,11 @@ def _mini_split(path: Path, classes: int, per_class: int, seed: int) -> None:
     path.write_bytes(pickle.dumps({"image_data": images, "class_dict": class_dict}))
 
 
-def test_miniimagenet_trains_end_to_end_on_the_cpu_with_a_hint_about_the_engine(tmp_path):
+@pytest.mark.parametrize("compiled", [True, False], ids=["compiled", "eager"])
+def test_miniimagenet_trains_end_to_end_on_the_cpu_with_a_hint_about_the_engine(tmp_path, compiled):
     """The miniImageNet pipeline from pickles to eval.json (images are random: no learning is
-    asserted), and the CPU hint that the learn2learn engine is faster there."""
+    asserted), with batch norm compiled (the CPU default) or eager, and, eager only, the hint
+    that the learn2learn engine is faster there."""
     root = tmp_path / "mini"
     root.mkdir()
     for split, classes, seed in (("train", 64, 0), ("validation", 16, 1), ("test", 20, 2)):
@@ -123,9 +125,12 @@ def test_miniimagenet_trains_end_to_end_on_the_cpu_with_a_hint_about_the_engine(
         "train.val_tasks=2",
         "eval.tasks=4",
         f"hydra.run.dir={run_dir}",
+        f"hardware.compile={str(compiled).lower()}",
         cwd=tmp_path,
     )
-    assert "algorithm.engine=learn2learn meta-trains miniImageNet" in result.stderr
+    hinted = "algorithm.engine=learn2learn meta-trains miniImageNet" in result.stderr
+    assert hinted == (not compiled)
+    assert "No CUDA runtime" not in result.stderr  # Inductor's set-up log stays quiet
     results = json.loads((run_dir / "eval.json").read_text())["results"]
     accuracy = next(iter(results.values()))["acc"]["mean"]
     assert len(accuracy) == 3 and all(0.0 <= a <= 1.0 for a in accuracy)
