@@ -369,13 +369,14 @@ class NormKernels:
 
     def __init__(self, compiled: bool) -> None:
         self.compiled = compiled
-        functions = (_norm_forward, _norm_backward, _norm_double_backward)
-        self._eager = functions
-        self._active = functions
-        if compiled:
-            self._active = tuple(torch.compile(f, dynamic=True) for f in functions)
+        self._eager = (_norm_forward, _norm_backward, _norm_double_backward)
+        # Wrapped on first use: `torch.compile` itself takes 1.6 s to set up, which a model
+        # without batch norm (the sinusoid MLP) should not pay.
+        self._active = None if compiled else self._eager
 
     def _run(self, index: int, *args):
+        if self._active is None:
+            self._active = tuple(torch.compile(f, dynamic=True) for f in self._eager)
         try:
             return self._active[index](*args)
         except Exception as error:  # compilation failed: say so once, then run eagerly

@@ -26,8 +26,12 @@ def exact_float32():
     torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
 
 
-@pytest.mark.parametrize("batching", ["layers", "vmap"])
-def test_vmap_engine_matches_learn2learn_on_cuda(exact_float32, batching):
+@pytest.mark.parametrize(
+    "options",
+    [{"batching": "layers"}, {"batching": "layers", "compile_kernels": True}, {"batching": "vmap"}],
+    ids=["layers", "layers_compiled", "vmap"],
+)
+def test_vmap_engine_matches_learn2learn_on_cuda(exact_float32, options):
     from mamlrun.vmap_engine import VmapEngine
 
     images = torch.randint(0, 256, (40, 20, 28, 28), dtype=torch.uint8)
@@ -37,7 +41,7 @@ def test_vmap_engine_matches_learn2learn_on_cuda(exact_float32, batching):
     model = conv4((1, 28, 28), 5).cuda()
     twin = copy.deepcopy(model)
     reference = Learn2LearnEngine(model, 0.4, task_type="classification").meta_backward(batch, 1)
-    engine = VmapEngine(twin, 0.4, task_type="classification", batching=batching)
+    engine = VmapEngine(twin, 0.4, task_type="classification", **options)
     fast = engine.meta_backward(batch, 1)
     assert fast["loss_post"] == pytest.approx(reference["loss_post"], rel=1e-4)
     for a, b in zip(model.parameters(), twin.parameters(), strict=True):
