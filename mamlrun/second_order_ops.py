@@ -13,8 +13,10 @@ meta-iteration (profile of Omniglot 5-way 1-shot, 32 tasks, `mamlrun/task_batche
 
 The Functions below compute the same numbers with one grouped `convolution_backward` call per term
 and with the batch-norm derivatives in closed form (about five passes for the first backward, nine
-for the second). Measured side by side on a 2-core CPU, second-order MAML on Omniglot 5w1s runs
-about 1.4x faster (`mamlrun bench ablation=true`, docs/benchmarks.md).
+for the second). With two more savings (`_InputConv`: the first layer as unfold + matmul;
+`_GroupedConv`'s dense convolutions while every task still has the meta-weights) and the
+batch-norm formulas compiled (`NormKernels`), second-order MAML on Omniglot 5w1s went from 2.8x to
+4.9x the learn2learn example on a 2-core CPU (each step measured in docs/benchmarks.md).
 
 Each Function's backward is itself a Function (`_GroupedConvGrad`, `_BatchNormReLUGrad`) whose
 backward is the hand-written second derivative, which builds no graph: MAML's outer backward
@@ -32,7 +34,8 @@ given u = d(loss)/d(gx) and v = d(loss)/d(gbias),
     d(loss)/d(x)  = -r² (mean(u x̂) ĝ + mean(gz x̂) (u - mean(u) - x̂ mean(u x̂)) + mean(u ĝ) x̂)
 
 (the ReLU mask is piecewise constant, so it only masks d(loss)/d(gz) into d(loss)/d(gy)). Written
-with the projected vectors ĝ and û rather than expanded sums, which would cancel in float32.
+with the projected vectors ĝ and û = u - mean(u) - x̂ mean(u x̂) rather than as expanded sums of
+means, which cancel in float32.
 tests/test_second_order_ops.py checks both Functions against PyTorch's own derivatives and with
 `gradgradcheck`.
 """
@@ -93,23 +96,14 @@ class _ConvSpec:
 
     def shared_input_grad(self, grad_out, x, weight):
         """Gradient wrt x of `shared_forward(x, weight)`, as one dense call."""
-        n, groups = x.shape[0], self.groups
-        grad_x = _conv_backward(
-            grad_out.reshape(n * groups, -1, *grad_out.shape[2:]),
-            x.reshape(n * groups, -1, *x.shape[2:]),
-            weight,
-            None,
-            self.stride,
-            self.padding,
-            self.dilation,
-            False,
-            (0, 0),
-            1,
-            (True, False, False),
-        )[0]
-        return grad_x.view(x.shape)
+        n = x.shape[0] * self.groups
+        grad_out = grad_out.reshape(n, -1, *grad_out.shape[2:])
+        batch = x.reshape(n, -1, *x.shape[2:])
+        return self.backward(grad_out, batch, weight, (True, False, False), groups=1)[0].view(
+            x.shape
+        )
 
-    def backward(self, grad_out, x, weight, mask, bias_sizes=None):
+    def backward(self, grad_out, x, weight, mask, bias_sizes=None, groups=None):
         """(grad wrt x, grad wrt weight, grad wrt bias) of conv(x, weight); None where mask is
         False. One grouped call, whatever the number of groups."""
         return _conv_backward(
@@ -122,7 +116,7 @@ class _ConvSpec:
             self.dilation,
             False,
             (0, 0),
-            self.groups,
+            self.groups if groups is None else groups,
             mask,
         )
 
