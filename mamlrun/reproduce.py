@@ -56,19 +56,20 @@ ROOT = Path("outputs/reproduce")
 
 # Meta-training throughput in tasks per second, measured per preset on the 2-core Intel Xeon
 # development CPU (both cores, torch 2.14): sinusoid from full `mamlrun reproduce sinusoid` runs
-# (validation included); omniglot_5w1s and omniglot_20w1s from `mamlrun bench` (docs/benchmarks.md,
-# with the hand-written second derivatives and compiled batch norm); the others from timed
-# training steps of the preset's engine before those, so they now underestimate the speed. Only
-# for rough time estimates; a GPU is much faster on the conv presets. Evaluation is not included.
+# (validation included); Omniglot from timed training steps of each preset (its engine, sampler
+# and hardware defaults: hand-written second derivatives, compiled batch norm) on the real data;
+# miniImageNet from timed steps on random images of its shape before those changes, so it now
+# underestimates the speed. Only for rough time estimates; a GPU is much faster on the conv
+# presets. Evaluation is not included.
 CPU_TASKS_PER_SECOND: dict[str, float] = {
     "sinusoid_maml": 7800,
     "sinusoid_pretrained": 18000,
-    "omniglot_5w1s": 220,
-    "omniglot_5w5s": 23,
-    "omniglot_20w1s": 17,
-    "omniglot_20w5s": 1.1,
-    "omniglot_mlp_5w1s": 450,
-    "omniglot_mlp_5w5s": 360,
+    "omniglot_5w1s": 230,
+    "omniglot_5w5s": 40,
+    "omniglot_20w1s": 17.6,
+    "omniglot_20w5s": 2.0,
+    "omniglot_mlp_5w1s": 525,
+    "omniglot_mlp_5w5s": 430,
     "miniimagenet_5w1s": 1.0,
     "miniimagenet_5w5s": 0.4,
     "miniimagenet_fo_5w1s": 1.7,
