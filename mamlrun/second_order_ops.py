@@ -362,7 +362,6 @@ class NormKernels:
     """
 
     def __init__(self, compiled: bool) -> None:
-        self.compiled = compiled
         self._eager = (_norm_forward, _norm_backward, _norm_double_backward)
         # Wrapped on first use: `torch.compile` itself takes 1.6 s to set up, which a model
         # without batch norm (the sinusoid MLP) should not pay.
