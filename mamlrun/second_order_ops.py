@@ -127,7 +127,8 @@ class _GroupedConv(torch.autograd.Function):
     `shared`: None, or the one weight every group has ([O, C, kh, kw], values only) when the
     per-task weights are copies of the meta-parameters (the first inner step): the products with
     the weight itself then run as dense convolutions over N * groups examples, which oneDNN does
-    about 1.3x faster than the grouped ones. Gradients wrt the weight stay per group.
+    1.2x (Omniglot's 14x14 layer) to 2.7x (its 4x4 layer) faster than the grouped ones on a 2-core
+    CPU. Gradients wrt the weight stay per group.
     """
 
     @staticmethod
@@ -312,8 +313,8 @@ def grouped_conv2d(
 def _norm_forward(x, bias, dims: tuple[int, ...], eps: float, relu: bool):
     """(output, normalized input x̂, rstd) of batch norm + shift (+ ReLU).
 
-    Written with in-place and fused (`addcmul`) operations where they save a pass: eagerly that
-    is 1.3x faster for the whole meta-iteration; compiled it makes no difference."""
+    Written with in-place and fused (`addcmul`) operations where they save a pass: eagerly the
+    Omniglot 5w1s meta-iteration is 1.3x faster than with the same formulas written plainly."""
     centered = x - x.mean(dims, keepdim=True)
     # Mean of squares of the centered values: two passes, as accurate as `var` here, and 5x
     # faster than its Welford kernel on strided reductions (no autograd runs through it).
@@ -356,7 +357,8 @@ class NormKernels:
 
     Eagerly each line is a pass over the activations, which on a CPU is bound by memory bandwidth;
     compiled (Inductor, `dynamic=True`: one compilation for all layer shapes) they fuse into a few
-    loops, about 3x (forward) to 7x (backward) faster on Omniglot's first layer on a 2-core CPU.
+    loops: on Omniglot's first layer (5x2048x14x14) on a 2-core CPU the forward, backward and
+    double backward run 1.3x, 4x and 2.3x faster than these eager versions.
     Compiling takes seconds once per process (and is cached on disk); if it fails (no C++
     compiler, unsupported platform), a one-line warning is printed and the eager formulas are used.
     """
