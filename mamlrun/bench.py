@@ -9,10 +9,12 @@ machine noise hits them alike, each timed over several repeats:
   `backward()`; gradients divided by the meta-batch size; `Adam.step()`.
 - `mamlrun learn2learn`: mamlrun's training step with `algorithm.engine=learn2learn`.
 - `mamlrun vmap`: mamlrun's training step with `algorithm.engine=vmap`.
-- with `ablation=true`, also `mamlrun vmap, torch.func only`: the same engine running the model
-  through `vmap` + `functional_call` instead of its written-out task-batched layers, and, where
-  the batch-norm kernels are compiled (`compile=true`, the default on a CPU as in
-  `conf/hardware/cpu.yaml`), `mamlrun vmap, eager batch norm`: the same engine without compiling.
+- with `ablation=true`, the same engine with one option flipped at a time (`ablation_rows`):
+  `torch.func only` runs the model through `vmap` + `functional_call` instead of its written-out
+  task-batched layers; where the batch-norm kernels are compiled (`compile=true`, the default on
+  a CPU as in `conf/hardware/cpu.yaml`) `eager batch norm` does not compile them; on CUDA,
+  `CUDA graph` / `no CUDA graph` flips `hardware.cuda_graphs` and `TF32` / `fp32` flips
+  `hardware.precision`, the options the issue keeps only where they measurably help.
 
 All use the paper's settings (second-order MAML). Omniglot uses the real images when found, else
 random images of the right shape; miniImageNet uses random images (its images are not shipped).
@@ -29,7 +31,7 @@ import platform
 import statistics
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -41,6 +43,7 @@ from mamlrun.config import Hardware
 from mamlrun.engine import Learn2LearnEngine
 from mamlrun.errors import UserError
 from mamlrun.fewshot import TensorClassificationTasks
+from mamlrun.meta_step import WARMUP_STEPS, MetaStep
 from mamlrun.models import conv4, mlp
 from mamlrun.tasks import SinusoidTasks
 
@@ -78,6 +81,29 @@ SETTINGS = {
 CONTENDERS = ("learn2learn example", "mamlrun learn2learn", "mamlrun vmap")
 ABLATION_VMAP = "mamlrun vmap, torch.func only"
 ABLATION_EAGER = "mamlrun vmap, eager batch norm"
+
+
+@dataclass(frozen=True)
+class VmapOptions:
+    """How the vmap engine's step runs: the `hardware` options that change its speed."""
+
+    batching: str = "layers"  # or "vmap": torch.func only
+    compile_kernels: bool = False  # hardware.compile
+    cuda_graph: bool = False  # hardware.cuda_graphs
+    tf32: bool = False  # hardware.precision=tf32
+
+
+def ablation_rows(default: VmapOptions, device: torch.device) -> dict[str, VmapOptions]:
+    """The default vmap step with one option flipped per row, labelled by what the row runs."""
+    rows = {ABLATION_VMAP: replace(default, batching="vmap")}
+    if default.compile_kernels:
+        rows[ABLATION_EAGER] = replace(default, compile_kernels=False)
+    if device.type == "cuda":
+        graph = "mamlrun vmap, no CUDA graph" if default.cuda_graph else "mamlrun vmap, CUDA graph"
+        rows[graph] = replace(default, cuda_graph=not default.cuda_graph)
+        precision = "mamlrun vmap, fp32" if default.tf32 else "mamlrun vmap, TF32"
+        rows[precision] = replace(default, tf32=not default.tf32)
+    return rows
 
 
 def _images(setting: Setting, omniglot_root: Path | None) -> tuple[torch.Tensor, str]:
@@ -174,18 +200,12 @@ def _plain_learn2learn(setting: Setting, images, device) -> Callable[[], None]:
     return step
 
 
-def _mamlrun_step(
-    setting: Setting,
-    images,
-    device,
-    engine_name: str,
-    batching: str = "layers",
-    compile_kernels: bool = False,
-) -> Callable[[], None]:
-    """One meta-iteration of mamlrun's training loop: the given engine, the tensor sampler."""
+def _mamlrun_step(setting: Setting, images, device, vmap: VmapOptions | None) -> Callable[[], None]:
+    """One meta-iteration of mamlrun's training loop (`MetaStep`, the tensor sampler), with the
+    vmap engine run as `vmap` says, or with the learn2learn engine (None)."""
     model = _model(setting).to(device)
     task_type = "regression" if setting.ways == 0 else "classification"
-    if engine_name == "vmap":
+    if vmap is not None:
         from mamlrun.vmap_engine import VmapEngine
 
         engine = VmapEngine(
@@ -193,12 +213,13 @@ def _mamlrun_step(
             setting.inner_lr,
             first_order=False,
             task_type=task_type,
-            batching=batching,
-            compile_kernels=compile_kernels,
+            batching=vmap.batching,
+            compile_kernels=vmap.compile_kernels,
         )
     else:
         engine = Learn2LearnEngine(model, setting.inner_lr, first_order=False, task_type=task_type)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    meta_step = MetaStep(engine, optimizer, cuda_graph=vmap is not None and vmap.cuda_graph)
     if setting.ways == 0:
         sampler = SinusoidTasks(setting.shots, setting.query_shots, seed=0, device=device)
     else:
@@ -215,10 +236,8 @@ def _mamlrun_step(
 
     def step() -> None:
         batch = sampler.sample(setting.meta_batch_size)
-        optimizer.zero_grad(set_to_none=True)
         # as training does between logged iterations (the l2l example measures no "before")
-        engine.meta_backward(batch, setting.inner_steps, measure_before=False)
-        optimizer.step()
+        meta_step(batch, setting.inner_steps, measure_before=False)
 
     return step
 
@@ -262,6 +281,8 @@ def run_bench(args: list[str]) -> None:
         "omniglot_root": "",
         "ablation": "false",
         "compile": "auto",
+        "cuda_graphs": "auto",
+        "precision": "auto",
     }
     for arg in args:
         key, sep, value = arg.partition("=")
@@ -270,8 +291,11 @@ def run_bench(args: list[str]) -> None:
         options[key] = value
     if options["ablation"] not in ("true", "false"):
         raise UserError(f"ablation={options['ablation']}: expected true or false")
-    if options["compile"] not in ("auto", "true", "false"):
-        raise UserError(f"compile={options['compile']}: expected auto, true or false")
+    for key in ("compile", "cuda_graphs"):
+        if options[key] not in ("auto", "true", "false"):
+            raise UserError(f"{key}={options[key]}: expected auto, true or false")
+    if options["precision"] not in ("auto", "fp32", "tf32"):
+        raise UserError(f"precision={options['precision']}: expected auto, fp32 or tf32")
     names = options["settings"].split(",")
     for name in names:
         if name not in SETTINGS:
@@ -285,11 +309,19 @@ def run_bench(args: list[str]) -> None:
         )
     )
     # auto: as training runs by default on this device (conf/hardware/cpu.yaml, cuda.yaml)
-    compiled = options["compile"] == "true" or (
-        options["compile"] == "auto" and device.type == "cpu"
+    default = VmapOptions(
+        compile_kernels=options["compile"] == "true"
+        or (options["compile"] == "auto" and device.type == "cpu"),
+        cuda_graph=options["cuda_graphs"] == "true",
+        tf32=options["precision"] == "tf32",
     )
-    ablations = (ABLATION_VMAP, ABLATION_EAGER) if compiled else (ABLATION_VMAP,)
-    contenders = CONTENDERS + (ablations if options["ablation"] == "true" else ())
+    for key, cuda_only in (("cuda_graphs", default.cuda_graph), ("precision", default.tf32)):
+        if cuda_only and device.type != "cuda":
+            raise UserError(f"{key}={options[key]}: for CUDA devices only (add device=cuda)")
+    variants = {"mamlrun vmap": default}
+    if options["ablation"] == "true":
+        variants.update(ablation_rows(default, device))
+    contenders = CONTENDERS[:2] + tuple(variants)
     root = options["omniglot_root"] or os.environ.get("MAMLRUN_DATA")
     hardware = hardware_description(device)
     console.info(f"benchmarking on {hardware}")
@@ -303,23 +335,26 @@ def run_bench(args: list[str]) -> None:
         )
         steps = {
             "learn2learn example": _plain_learn2learn(setting, images, device),
-            "mamlrun learn2learn": _mamlrun_step(setting, images, device, "learn2learn"),
-            "mamlrun vmap": _mamlrun_step(
-                setting, images, device, "vmap", compile_kernels=compiled
-            ),
+            "mamlrun learn2learn": _mamlrun_step(setting, images, device, None),
         }
-        if ABLATION_VMAP in contenders:
-            steps[ABLATION_VMAP] = _mamlrun_step(
-                setting, images, device, "vmap", batching="vmap", compile_kernels=compiled
-            )
-        if ABLATION_EAGER in contenders:
-            steps[ABLATION_EAGER] = _mamlrun_step(setting, images, device, "vmap")
+        for label, variant in variants.items():
+            steps[label] = _mamlrun_step(setting, images, device, variant)
         rates: dict[str, list[float]] = {c: [] for c in contenders}
         memory: dict[str, float] = {}
-        for step in steps.values():  # warm-up: allocator, caches, lazy initialisation
-            step()
+
+        def use_precision(contender: str) -> None:  # a process-wide switch, set per contender
+            if device.type == "cuda":
+                tf32 = variants.get(contender, default).tf32
+                builders.set_cuda_precision("tf32" if tf32 else "fp32")
+
+        # warm-up: allocator, caches, lazy initialisation, compiling, CUDA graph capture
+        for _ in range(WARMUP_STEPS + 2 if device.type == "cuda" else 1):
+            for contender, step in steps.items():
+                use_precision(contender)
+                step()
         for repeat in range(int(options["repeats"])):
             for contender, step in steps.items():
+                use_precision(contender)
                 if device.type == "cuda":
                     torch.cuda.synchronize()
                     torch.cuda.reset_peak_memory_stats(device)

@@ -31,16 +31,31 @@ VALIDATION_SEED_OFFSET = 1
 
 
 def select_device(hardware: Hardware) -> torch.device:
-    """The training device; refuses CUDA when there is none instead of failing later."""
+    """The training device, set up as `hardware` says (threads, determinism, CUDA precision);
+    refuses CUDA when there is none instead of failing later."""
     device = torch.device(hardware.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UserError(
             f"hardware.device={hardware.device}: CUDA is not available on this machine "
             "(use hardware=cpu, or install a CUDA build of torch)"
         )
+    if device.type == "cuda":
+        set_cuda_precision(hardware.precision)
     torch.set_num_threads(hardware.threads or len(os.sched_getaffinity(0)))
     torch.use_deterministic_algorithms(hardware.deterministic, warn_only=True)
     return device
+
+
+def set_cuda_precision(precision: str) -> None:
+    """`hardware.precision` for CUDA float32 math (a process-wide switch).
+
+    "fp32" is float32 throughout: PyTorch's default would let cuDNN use TF32 (10-bit mantissa) in
+    convolutions, which the paper's float32 runs never did. "tf32" allows it in matmuls and
+    convolutions.
+    """
+    tf32 = precision == "tf32"
+    torch.backends.cuda.matmul.allow_tf32 = tf32
+    torch.backends.cudnn.allow_tf32 = tf32
 
 
 def seed_everything(seed: int) -> None:

@@ -121,6 +121,7 @@ class Algorithm:
 
 
 ENGINES = ("vmap", "learn2learn")
+PRECISIONS = ("fp32", "tf32")
 
 
 @dataclass
@@ -130,6 +131,8 @@ class Hardware:
     threads: int = 0  # 0: all cores
     deterministic: bool = True
     compile: bool = False  # torch.compile the vmap engine's batch-norm kernels
+    precision: str = "fp32"  # fp32, or tf32 (CUDA: TF32 tensor cores in matmuls, convolutions)
+    cuda_graphs: bool = False  # replay the vmap engine's meta-training step as a CUDA graph
 
 
 @dataclass
@@ -399,12 +402,41 @@ def _check_values(typed: dict[str, Any]) -> None:
             "hardware.threads",
             f"must be >= 1, or 0 for all cores, got {hardware.threads}",
         )
+        _check_cuda_options(hardware, algorithm)
     logger = typed.get("logger")
     if isinstance(logger, WandbLogger):
         _check(
             logger.mode in ("offline", "online", "disabled"),
             "logger.mode",
             f"choose offline, online or disabled, got {logger.mode!r}",
+        )
+
+
+def _check_cuda_options(hardware: Hardware, algorithm: Algorithm | None) -> None:
+    """`hardware.precision` and `hardware.cuda_graphs` exist for CUDA devices only."""
+    _check(
+        hardware.precision in PRECISIONS,
+        "hardware.precision",
+        f"choose one of {', '.join(PRECISIONS)}, got {hardware.precision!r}",
+    )
+    on_cuda = hardware.device.startswith("cuda")
+    _check(
+        hardware.precision == "fp32" or on_cuda,
+        "hardware.precision",
+        f"{hardware.precision} is for CUDA devices; use hardware.precision=fp32 on "
+        f"{hardware.device}",
+    )
+    _check(
+        not hardware.cuda_graphs or on_cuda,
+        "hardware.cuda_graphs",
+        f"CUDA graphs need a CUDA device; set hardware.cuda_graphs=false on {hardware.device}",
+    )
+    if hardware.cuda_graphs and algorithm is not None:
+        _check(
+            algorithm.engine == "vmap" and algorithm.name != "pretrain",
+            "hardware.cuda_graphs",
+            "only the vmap engine's MAML step can be captured; use algorithm.engine=vmap or "
+            "hardware.cuda_graphs=false",
         )
 
 

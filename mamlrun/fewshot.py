@@ -305,9 +305,14 @@ class TensorClassificationTasks:
         batch_extra = {}
         if self.rotations:
             turns = torch.randint(0, 4, (n, ways), generator=g, device=device)
+            # Every image turned 1, 2, 3 times, kept where its class drew that many: selecting
+            # with a mask instead would make the host wait for the GPU (nonzero) three times.
+            turns_per_image = turns.view(n, ways, *[1] * (x.dim() - 2))
+            turned = x
             for quarter_turns in range(1, 4):
-                rotate = turns == quarter_turns
-                x[rotate] = torch.rot90(x[rotate], quarter_turns, dims=(-2, -1))
+                rotated = torch.rot90(x, quarter_turns, dims=(-2, -1))
+                turned = torch.where(turns_per_image == quarter_turns, rotated, turned)
+            x = turned
             batch_extra["quarter_turns"] = turns
         x = x.float().div_(255)
         y = torch.arange(ways, device=device).view(1, ways, 1).expand(n, ways, k)

@@ -24,6 +24,7 @@ from mamlrun import builders, checkpoints, console, plots
 from mamlrun.config import ConfigError, to_container, validate
 from mamlrun.evaluate import evaluate_and_report
 from mamlrun.loggers import MetricsFile, NullTracker, Tracker, WandbTracker, prefixed, read_metrics
+from mamlrun.meta_step import MetaStep, read_stats
 
 # Keys a resumed run takes from the command line; everything else comes from the checkpoint.
 RESUMABLE_SECTIONS = ("train", "eval", "hardware", "logger", "print_config", "resume", "task_name")
@@ -139,6 +140,10 @@ def run_train(cfg: DictConfig) -> float:
         checkpoints.set_rng_state(payload["rng"])
         start, best, window = payload["iteration"], payload["best"], payload["window"]
         console.info(f"resuming {run_dir} from iteration {start}")
+    # after loading the optimizer's state: the step may switch on its `capturable` option
+    meta_step = MetaStep(
+        engine, optimizer, algorithm.grad_clip, cuda_graph=typed["hardware"].cuda_graphs
+    )
     metrics = MetricsFile(run_dir, keep_until=start if payload else None)
     tracker = make_tracker(typed, run_dir, config, resume_id=(payload or {}).get("wandb_id"))
     metric = engine.metric_name
@@ -154,7 +159,7 @@ def run_train(cfg: DictConfig) -> float:
                 "rng": checkpoints.rng_state(),
                 "iteration": iteration,
                 "best": best,
-                "window": window,
+                "window": read_stats(window),
                 "config": config,
                 "metric": metric,
                 "wandb_id": getattr(tracker, "run_id", None),
@@ -171,17 +176,14 @@ def run_train(cfg: DictConfig) -> float:
             )
             for iteration in range(start + 1, loop.iterations + 1):
                 batch = train_tasks.sample(algorithm.meta_batch_size).to(device)
-                optimizer.zero_grad(set_to_none=True)
                 last = iteration == loop.iterations
                 logged = iteration % loop.log_every == 0 or last
                 # The pre-adaptation query loss costs an extra forward pass: measured only on the
                 # last meta-batch of each logging window (the post-adaptation one on all).
-                stats = engine.meta_backward(batch, algorithm.inner_steps, measure_before=logged)
-                if algorithm.grad_clip is not None:
-                    torch.nn.utils.clip_grad_value_(model.parameters(), algorithm.grad_clip)
-                optimizer.step()
-                window.append(stats)
+                # Statistics stay on the device until logged: no wait for the GPU per iteration.
+                window.append(meta_step(batch, algorithm.inner_steps, measure_before=logged))
                 if logged:
+                    window = read_stats(window)
                     means = {
                         key: statistics.fmean(s[key] for s in window if key in s)
                         for key in window[-1]

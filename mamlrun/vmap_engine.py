@@ -203,6 +203,19 @@ class VmapEngine:
             query loss and metric after adaptation (`loss_post`, `metric_post`) and, if
             measured, before (`loss_pre`, `metric_pre`), averaged over tasks.
         """
+        stats = self.meta_gradient(batch, inner_steps, measure_before)
+        values = torch.stack(list(stats.values())).tolist()  # one device sync for all
+        return dict(zip(stats, values, strict=True))
+
+    def meta_gradient(
+        self, batch: TaskBatch, inner_steps: int, measure_before: bool = True
+    ) -> dict[str, torch.Tensor]:
+        """`meta_backward` with its statistics left as 0-dim tensors on the device.
+
+        Nothing here waits for the device, so a GPU can still be running one iteration while
+        Python launches the next, and the whole call can be captured as a CUDA graph
+        (`mamlrun.meta_step`).
+        """
         support_x, support_y, query_x, query_y = batch.tensors()
         with _vmap_errors():
             params = self._per_task(len(batch))
@@ -227,8 +240,7 @@ class VmapEngine:
                 if metric_is_loss
                 else _batch_mean(self.metric_fn, outputs_pre, query_y)
             )
-        values = torch.stack(list(stats.values())).tolist()  # one device sync for all
-        return dict(zip(stats, values, strict=True))
+        return stats
 
     def task_outputs(self, x: torch.Tensor) -> torch.Tensor:
         """Outputs of the meta-parameters on every task's examples x [tasks, examples, ...], each

@@ -91,6 +91,14 @@ def test_default_is_the_papers_sinusoid_setting():
         ("dataset=miniimagenet dataset.ways=21", "dataset.ways"),
         ("dataset=miniimagenet dataset.image_size=32", "dataset.image_size"),
         ("dataset=omniglot model.pooling=avg", "model.pooling"),
+        ("hardware.precision=fp16", "hardware.precision"),
+        ("hardware.precision=tf32", "hardware.precision"),  # on hardware=cpu
+        ("hardware.cuda_graphs=true", "hardware.cuda_graphs"),  # on hardware=cpu
+        (
+            "hardware=cuda hardware.cuda_graphs=true algorithm.engine=learn2learn",
+            "hardware.cuda_graphs",
+        ),
+        ("hardware=cuda hardware.cuda_graphs=true algorithm=pretrain", "hardware.cuda_graphs"),
     ],
 )
 def test_bad_values_fail_with_one_line_naming_the_key(override, key):

@@ -8,6 +8,7 @@ import torch
 from conftest import QUICK, read_jsonl, run_mamlrun
 from mamlrun.engine import Learn2LearnEngine
 from mamlrun.fewshot import TensorClassificationTasks
+from mamlrun.meta_step import MetaStep, read_stats
 from mamlrun.models import conv4
 
 pytestmark = [
@@ -46,6 +47,46 @@ def test_vmap_engine_matches_learn2learn_on_cuda(exact_float32, options):
     assert fast["loss_post"] == pytest.approx(reference["loss_post"], rel=1e-4)
     for a, b in zip(model.parameters(), twin.parameters(), strict=True):
         torch.testing.assert_close(b.grad, a.grad, rtol=1e-3, atol=1e-5)
+
+
+@pytest.mark.parametrize("inner_steps", [1, 3])
+def test_cuda_graph_replays_the_eager_step(exact_float32, inner_steps):
+    """Warm-up, capture, replays and eager logged steps in between: the captured run's
+    statistics and parameters follow the eager run's (clipping and Adam included)."""
+    from mamlrun.vmap_engine import VmapEngine
+
+    images = torch.randint(0, 256, (40, 20, 28, 28), dtype=torch.uint8)
+    sampler = TensorClassificationTasks(images, range(40), 5, 1, 1, rotations=True, device="cuda")
+    torch.manual_seed(0)
+    model = conv4((1, 28, 28), 5).cuda()
+    steps = []
+    for captured, twin in ((False, model), (True, copy.deepcopy(model))):
+        engine = VmapEngine(twin, 0.4, task_type="classification")
+        optimizer = torch.optim.Adam(twin.parameters(), lr=1e-3)
+        steps.append(MetaStep(engine, optimizer, grad_clip=0.5, cuda_graph=captured))
+    eager, graphed = steps
+    for iteration in range(10):
+        batch = sampler.sample(8)
+        logged = iteration in (2, 6)  # before and after the capture
+        expected = read_stats([eager(batch, inner_steps, logged)])[0]
+        actual = read_stats([graphed(batch, inner_steps, logged)])[0]
+        assert actual == pytest.approx(expected, rel=1e-4, abs=1e-6), iteration
+    assert graphed._graph is not None
+    for a, b in zip(model.parameters(), graphed.engine.model.parameters(), strict=True):
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-6)
+
+
+def test_cuda_graph_run_resumes_on_cpu(tmp_path):
+    run_dir = tmp_path / "graphed"
+    common = ("train.iterations=200", "algorithm.meta_lr=0.01", *QUICK, f"hydra.run.dir={run_dir}")
+    cuda = ("hardware=cuda", "hardware.cuda_graphs=true", "hardware.precision=tf32")
+    run_mamlrun("train", *cuda, *common, cwd=tmp_path)
+    val = [r for r in read_jsonl(run_dir / "metrics.jsonl") if r["split"] == "val"][-1]
+    assert val["mse_step1"] < 0.8 * val["mse_step0"]
+    longer = ("train.iterations=220", "hardware=cpu")
+    run_mamlrun("train", f"resume={run_dir}", *longer, cwd=tmp_path)
+    rows = read_jsonl(run_dir / "metrics.jsonl")
+    assert max(r["iteration"] for r in rows) == 220
 
 
 def test_train_on_cuda_end_to_end(tmp_path):

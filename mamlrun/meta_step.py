@@ -1,0 +1,162 @@
+"""One meta-training step, as the training loop and the benchmark run it, optionally replayed as
+a CUDA graph.
+
+A step is: zero the gradients, let the engine accumulate the meta-gradient of a meta-batch, clip
+it if asked, take the outer optimizer step. Two things here are for GPUs:
+
+- the step's statistics stay 0-dim tensors on the device (`StepStats`), read only when the loop
+  logs them, so Python never waits for the GPU between iterations and can launch the next
+  iteration's kernels while the GPU still runs this one;
+- with `cuda_graph=True` (`hardware.cuda_graphs`) the vmap engine's step is captured once as a
+  CUDA graph and replayed: an Omniglot 5w1s meta-iteration is about a thousand small kernels, and
+  at ~35 it/s on an H200 the GPU mostly waits for Python to launch them; a replay launches them
+  all with one call. The meta-batch is copied into fixed input buffers first (the sampler keeps
+  running outside the graph, so its random state, checkpoints and resume work unchanged).
+
+The captured step computes what the eager step computes (tests/test_gpu.py compares parameters
+after several steps), with three consequences a user sees:
+
+- iterations that measure the pre-adaptation loss (the logged ones) run eagerly: they need an
+  extra forward pass that the captured step does not have;
+- the first `WARMUP_STEPS` iterations run eagerly on a side stream, as PyTorch requires before a
+  capture; they are ordinary training iterations on their own meta-batches, not extra ones;
+- the outer optimizer must be capturable: optimizers with a `capturable` option (Adam, AdamW,
+  ...) get it switched on, SGD needs none, others are refused with a clear message.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+
+from mamlrun.errors import UserError
+from mamlrun.tasks import TaskBatch
+
+# Statistics of one step: name -> 0-dim tensor on the training device (or a float, for engines
+# that return floats). `float()` reads a value; reading one waits for the step to finish.
+StepStats = dict[str, "torch.Tensor | float"]
+
+# Eager iterations before the capture (PyTorch's whole-network capture example uses 3).
+WARMUP_STEPS = 3
+
+
+def set_capturable(optimizer: torch.optim.Optimizer, capturable: bool) -> None:
+    """Switch the optimizer's `capturable` option; on, move its step counters to the device.
+
+    Capturable optimizers keep their step count on the device; without it Adam reads the count
+    on the host and a graph would replay the first step's bias correction forever. Off only
+    changes groups with parameters on a CPU, where capturable Adam refuses to run: a run resumed
+    on a CPU from a checkpoint of a captured run.
+
+    Raises:
+        UserError: capturable asked of an optimizer with host-side state and no such option.
+    """
+    if not capturable:
+        for group in optimizer.param_groups:
+            if group.get("capturable") and any(p.device.type == "cpu" for p in group["params"]):
+                group["capturable"] = False
+        return
+    if "capturable" not in optimizer.defaults:
+        if type(optimizer) is torch.optim.SGD:
+            return  # no step counter: nothing on the host
+        raise UserError(
+            f"hardware.cuda_graphs=true: {type(optimizer).__name__} cannot be captured in a CUDA "
+            "graph (it has no 'capturable' option); use torch.optim.Adam / AdamW / SGD as "
+            "algorithm.meta_optimizer or set hardware.cuda_graphs=false"
+        )
+    for group in optimizer.param_groups:
+        group["capturable"] = True
+        for param in group["params"]:
+            state = optimizer.state.get(param, {})
+            if "step" in state and state["step"].device != param.device:  # from a CPU checkpoint
+                state["step"] = state["step"].to(param.device, torch.float32)
+
+
+class MetaStep:
+    """Zero gradients, meta-gradient, clip, optimizer step; eager or as a replayed CUDA graph.
+
+    Args:
+        engine: a MAML engine; its `meta_gradient` (vmap engine) is used when it has one, else
+            its `meta_backward`.
+        optimizer: the outer optimizer over `engine.model`'s parameters.
+        grad_clip: clip each meta-gradient element to [-grad_clip, grad_clip]; None: no clipping.
+        cuda_graph: capture the step as a CUDA graph (the model must be on a CUDA device and the
+            engine must have `meta_gradient`).
+
+    Example:
+        >>> step = MetaStep(engine, optimizer, grad_clip=None)
+        >>> stats = step(batch, inner_steps=1, measure_before=False)
+        >>> float(stats["loss_post"])
+    """
+
+    def __init__(
+        self,
+        engine,
+        optimizer: torch.optim.Optimizer,
+        grad_clip: float | None = None,
+        cuda_graph: bool = False,
+    ) -> None:
+        self.engine = engine
+        self.optimizer = optimizer
+        self.grad_clip = grad_clip
+        self.cuda_graph = cuda_graph
+        self._meta_gradient = getattr(engine, "meta_gradient", engine.meta_backward)
+        if cuda_graph and not hasattr(engine, "meta_gradient"):
+            raise UserError(
+                "hardware.cuda_graphs=true needs algorithm.engine=vmap (the learn2learn engine "
+                "reads values on the host for every task)"
+            )
+        set_capturable(optimizer, cuda_graph)
+        self._eager_steps = 0
+        self._graph: torch.cuda.CUDAGraph | None = None
+        self._inputs: tuple[torch.Tensor, ...] | None = None  # the graph's fixed input buffers
+        self._outputs: dict[str, torch.Tensor] = {}  # overwritten by every replay
+        self._captured_steps: int | None = None
+
+    def _parameters(self) -> Iterable[torch.Tensor]:
+        return self.engine.model.parameters()
+
+    def _step(self, batch: TaskBatch, inner_steps: int, measure_before: bool) -> StepStats:
+        self.optimizer.zero_grad(set_to_none=True)
+        stats = self._meta_gradient(batch, inner_steps, measure_before=measure_before)
+        if self.grad_clip is not None:
+            torch.nn.utils.clip_grad_value_(self._parameters(), self.grad_clip)
+        self.optimizer.step()
+        return stats
+
+    def __call__(self, batch: TaskBatch, inner_steps: int, measure_before: bool) -> StepStats:
+        """One meta-training iteration on `batch`; returns its statistics without waiting."""
+        if not self.cuda_graph or measure_before:
+            return self._step(batch, inner_steps, measure_before)
+        if self._graph is not None and inner_steps != self._captured_steps:
+            raise ValueError("a captured MetaStep always runs the inner_steps it was captured with")
+        if self._inputs is None:
+            self._inputs = tuple(t.clone() for t in batch.tensors())
+        else:
+            for buffer, tensor in zip(self._inputs, batch.tensors(), strict=True):
+                buffer.copy_(tensor)
+        inputs = TaskBatch(*self._inputs)
+        if self._eager_steps < WARMUP_STEPS:
+            self._eager_steps += 1
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                stats = self._step(inputs, inner_steps, measure_before=False)
+            torch.cuda.current_stream().wait_stream(side)
+            return stats
+        if self._graph is None:
+            self._graph = torch.cuda.CUDAGraph()
+            self.optimizer.zero_grad(set_to_none=True)
+            with torch.cuda.graph(self._graph):
+                self._outputs = self._step(inputs, inner_steps, measure_before=False)
+            self._captured_steps = inner_steps
+        self._graph.replay()  # capturing ran nothing: the replay is this iteration
+        # the graph overwrites its outputs on the next replay: keep a copy (one small kernel)
+        values = torch.stack(list(self._outputs.values()))
+        return dict(zip(self._outputs, values.unbind(), strict=True))
+
+
+def read_stats(window: list[StepStats]) -> list[dict[str, float]]:
+    """The statistics of several steps as floats (waits for the last of those steps)."""
+    return [{key: float(value) for key, value in stats.items()} for stats in window]
