@@ -13,8 +13,9 @@ machine noise hits them alike, each timed over several repeats:
   `torch.func only` runs the model through `vmap` + `functional_call` instead of its written-out
   task-batched layers; where the batch-norm kernels are compiled (`compile=true`, the default on
   a CPU as in `conf/hardware/cpu.yaml`) `eager batch norm` does not compile them; on CUDA,
-  `CUDA graph` / `no CUDA graph` flips `hardware.cuda_graphs` and `TF32` / `fp32` flips
-  `hardware.precision`, the options the issue keeps only where they measurably help.
+  `CUDA graph` / `no CUDA graph` flips `hardware.cuda_graphs`; `fp32`, `TF32` (CUDA only) and
+  `bf16 autocast` run the other `hardware.precision` values: options kept only where they
+  measurably help.
 
 All use the paper's settings (second-order MAML). Omniglot uses the real images when found, else
 random images of the right shape; miniImageNet uses random images (its images are not shipped).
@@ -81,6 +82,7 @@ SETTINGS = {
 CONTENDERS = ("learn2learn example", "mamlrun learn2learn", "mamlrun vmap")
 ABLATION_VMAP = "mamlrun vmap, torch.func only"
 ABLATION_EAGER = "mamlrun vmap, eager batch norm"
+PRECISION_LABELS = {"fp32": "fp32", "tf32": "TF32", "bf16": "bf16 autocast"}
 
 
 @dataclass(frozen=True)
@@ -90,7 +92,7 @@ class VmapOptions:
     batching: str = "layers"  # or "vmap": torch.func only
     compile_kernels: bool = False  # hardware.compile
     cuda_graph: bool = False  # hardware.cuda_graphs
-    tf32: bool = False  # hardware.precision=tf32
+    precision: str = "fp32"  # hardware.precision
 
 
 def ablation_rows(default: VmapOptions, device: torch.device) -> dict[str, VmapOptions]:
@@ -101,8 +103,9 @@ def ablation_rows(default: VmapOptions, device: torch.device) -> dict[str, VmapO
     if device.type == "cuda":
         graph = "mamlrun vmap, no CUDA graph" if default.cuda_graph else "mamlrun vmap, CUDA graph"
         rows[graph] = replace(default, cuda_graph=not default.cuda_graph)
-        precision = "mamlrun vmap, fp32" if default.tf32 else "mamlrun vmap, TF32"
-        rows[precision] = replace(default, tf32=not default.tf32)
+    for precision, label in PRECISION_LABELS.items():
+        if precision != default.precision and (precision != "tf32" or device.type == "cuda"):
+            rows[f"mamlrun vmap, {label}"] = replace(default, precision=precision)
     return rows
 
 
@@ -219,7 +222,12 @@ def _mamlrun_step(setting: Setting, images, device, vmap: VmapOptions | None) ->
     else:
         engine = Learn2LearnEngine(model, setting.inner_lr, first_order=False, task_type=task_type)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
-    meta_step = MetaStep(engine, optimizer, cuda_graph=vmap is not None and vmap.cuda_graph)
+    meta_step = MetaStep(
+        engine,
+        optimizer,
+        cuda_graph=vmap is not None and vmap.cuda_graph,
+        bf16=vmap is not None and vmap.precision == "bf16",
+    )
     if setting.ways == 0:
         sampler = SinusoidTasks(setting.shots, setting.query_shots, seed=0, device=device)
     else:
@@ -294,8 +302,8 @@ def run_bench(args: list[str]) -> None:
     for key in ("compile", "cuda_graphs"):
         if options[key] not in ("auto", "true", "false"):
             raise UserError(f"{key}={options[key]}: expected auto, true or false")
-    if options["precision"] not in ("auto", "fp32", "tf32"):
-        raise UserError(f"precision={options['precision']}: expected auto, fp32 or tf32")
+    if options["precision"] not in ("auto", *PRECISION_LABELS):
+        raise UserError(f"precision={options['precision']}: expected auto, fp32, tf32 or bf16")
     names = options["settings"].split(",")
     for name in names:
         if name not in SETTINGS:
@@ -313,9 +321,10 @@ def run_bench(args: list[str]) -> None:
         compile_kernels=options["compile"] == "true"
         or (options["compile"] == "auto" and device.type == "cpu"),
         cuda_graph=options["cuda_graphs"] == "true",
-        tf32=options["precision"] == "tf32",
+        precision="fp32" if options["precision"] == "auto" else options["precision"],
     )
-    for key, cuda_only in (("cuda_graphs", default.cuda_graph), ("precision", default.tf32)):
+    tf32 = default.precision == "tf32"
+    for key, cuda_only in (("cuda_graphs", default.cuda_graph), ("precision", tf32)):
         if cuda_only and device.type != "cuda":
             raise UserError(f"{key}={options[key]}: for CUDA devices only (add device=cuda)")
     variants = {"mamlrun vmap": default}
@@ -344,8 +353,7 @@ def run_bench(args: list[str]) -> None:
 
         def use_precision(contender: str) -> None:  # a process-wide switch, set per contender
             if device.type == "cuda":
-                tf32 = variants.get(contender, default).tf32
-                builders.set_cuda_precision("tf32" if tf32 else "fp32")
+                builders.set_cuda_precision(variants.get(contender, default).precision)
 
         # warm-up: allocator, caches, lazy initialisation, compiling, CUDA graph capture
         for _ in range(WARMUP_STEPS + 2 if device.type == "cuda" else 1):

@@ -121,7 +121,7 @@ class Algorithm:
 
 
 ENGINES = ("vmap", "learn2learn")
-PRECISIONS = ("fp32", "tf32")
+PRECISIONS = ("fp32", "tf32", "bf16")
 
 
 @dataclass
@@ -131,7 +131,7 @@ class Hardware:
     threads: int = 0  # 0: all cores
     deterministic: bool = True
     compile: bool = False  # torch.compile the vmap engine's batch-norm kernels
-    precision: str = "fp32"  # fp32, or tf32 (CUDA: TF32 tensor cores in matmuls, convolutions)
+    precision: str = "fp32"  # fp32; tf32 (CUDA); bf16 (autocast of the training steps)
     cuda_graphs: bool = False  # replay the vmap engine's meta-training step as a CUDA graph
 
 
@@ -413,7 +413,7 @@ def _check_values(typed: dict[str, Any]) -> None:
 
 
 def _check_cuda_options(hardware: Hardware, algorithm: Algorithm | None) -> None:
-    """`hardware.precision` and `hardware.cuda_graphs` exist for CUDA devices only."""
+    """`hardware.precision=tf32` and `hardware.cuda_graphs` exist for CUDA devices only."""
     _check(
         hardware.precision in PRECISIONS,
         "hardware.precision",
@@ -421,10 +421,9 @@ def _check_cuda_options(hardware: Hardware, algorithm: Algorithm | None) -> None
     )
     on_cuda = hardware.device.startswith("cuda")
     _check(
-        hardware.precision == "fp32" or on_cuda,
+        hardware.precision != "tf32" or on_cuda,
         "hardware.precision",
-        f"{hardware.precision} is for CUDA devices; use hardware.precision=fp32 on "
-        f"{hardware.device}",
+        f"tf32 is for CUDA devices; use hardware.precision=fp32 (or bf16) on {hardware.device}",
     )
     _check(
         not hardware.cuda_graphs or on_cuda,

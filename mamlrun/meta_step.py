@@ -26,6 +26,7 @@ after several steps), with three consequences a user sees:
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterable
 
 import torch
@@ -83,6 +84,9 @@ class MetaStep:
         grad_clip: clip each meta-gradient element to [-grad_clip, grad_clip]; None: no clipping.
         cuda_graph: capture the step as a CUDA graph (the model must be on a CUDA device and the
             engine must have `meta_gradient`).
+        bf16: run the step's forward passes under bf16 autocast (`hardware.precision=bf16`):
+            matmuls and convolutions in bfloat16, losses and batch norm in float32, parameters,
+            gradients and the optimizer in float32.
 
     Example:
         >>> step = MetaStep(engine, optimizer, grad_clip=None)
@@ -96,11 +100,13 @@ class MetaStep:
         optimizer: torch.optim.Optimizer,
         grad_clip: float | None = None,
         cuda_graph: bool = False,
+        bf16: bool = False,
     ) -> None:
         self.engine = engine
         self.optimizer = optimizer
         self.grad_clip = grad_clip
         self.cuda_graph = cuda_graph
+        self.bf16 = bf16
         self._meta_gradient = getattr(engine, "meta_gradient", engine.meta_backward)
         if cuda_graph and not hasattr(engine, "meta_gradient"):
             raise UserError(
@@ -117,9 +123,18 @@ class MetaStep:
     def _parameters(self) -> Iterable[torch.Tensor]:
         return self.engine.model.parameters()
 
+    def _autocast(self) -> contextlib.AbstractContextManager:
+        if not self.bf16:
+            return contextlib.nullcontext()
+        device = next(iter(self._parameters())).device.type
+        # no cache of cast weights: a CUDA graph capture refuses it, and every inner step has new
+        # per-task weights anyway
+        return torch.autocast(device, dtype=torch.bfloat16, cache_enabled=False)
+
     def _step(self, batch: TaskBatch, inner_steps: int, measure_before: bool) -> StepStats:
         self.optimizer.zero_grad(set_to_none=True)
-        stats = self._meta_gradient(batch, inner_steps, measure_before=measure_before)
+        with self._autocast():
+            stats = self._meta_gradient(batch, inner_steps, measure_before=measure_before)
         if self.grad_clip is not None:
             torch.nn.utils.clip_grad_value_(self._parameters(), self.grad_clip)
         self.optimizer.step()

@@ -290,6 +290,15 @@ class _InputConvGrad(torch.autograd.Function):
 _INPUT_CONV_MAX_ELEMENTS = 1 << 23
 
 
+def _autocast_dtype(x: torch.Tensor) -> torch.dtype | None:
+    """The dtype autocast runs matmuls and convolutions in on x's device, None when it is off.
+
+    The Functions below save their inputs and differentiate them by hand, so they cannot mix
+    dtypes as autocast would: their entry points cast first and run them with autocast off."""
+    device = x.device.type
+    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
+
+
 def grouped_conv2d(
     x, weight, bias, stride, padding, dilation, groups: int, shared_weight=None
 ) -> torch.Tensor:
@@ -298,6 +307,12 @@ def grouped_conv2d(
 
     shared_weight: if every group's weight (and bias) is the same, that weight [O, C, kh, kw]:
     its values make the products with the weight dense convolutions (see `_GroupedConv`)."""
+    dtype = _autocast_dtype(x)
+    if dtype is not None:  # convolve in autocast's dtype, as F.conv2d would; casts are outside
+        # the Functions, so autograd casts their gradients back (and differentiates the casts)
+        cast = [None if t is None else t.to(dtype) for t in (x, weight, bias, shared_weight)]
+        with torch.autocast(x.device.type, enabled=False):
+            return grouped_conv2d(*cast[:3], stride, padding, dilation, groups, cast[3])
     spec = _ConvSpec(stride, padding, dilation, groups)
     # Only for one input channel per group: with RGB inputs (miniImageNet) oneDNN is not slow, and
     # a different summation order would change float32 roundings, so max-pooling ties would break
@@ -471,5 +486,9 @@ def batch_norm_relu(
     """Batch norm with batch statistics over `dims`, a shift (`bias`, broadcast to x), and
     optionally ReLU; the values and derivatives of
     `relu((x - x.mean(dims)) * rsqrt(x.var(dims, unbiased=False) + eps) + bias)`.
-    `kernels`: `EAGER_KERNELS` or `compiled_kernels()`."""
+    `kernels`: `EAGER_KERNELS` or `compiled_kernels()`. Under autocast (bf16) it normalizes in
+    float32 and returns float32, as autocast runs normalization layers."""
+    if _autocast_dtype(x) is not None:
+        with torch.autocast(x.device.type, enabled=False):
+            return _BatchNormReLU.apply(x.float(), bias.float(), tuple(dims), eps, relu, kernels)
     return _BatchNormReLU.apply(x, bias, tuple(dims), eps, relu, kernels)

@@ -109,15 +109,16 @@ def run_train(cfg: DictConfig) -> float:
     config = to_container(cfg)
     config.pop("hydra", None)
     dataset, algorithm, loop = typed["dataset"], typed["algorithm"], typed["train"]
+    hardware = typed["hardware"]
 
-    device = builders.select_device(typed["hardware"])
+    device = builders.select_device(hardware)
     builders.seed_everything(typed["seed"])
     if typed["print_config"]:
         console.print_config_tree(config, title=f"mamlrun train → {run_dir}")
     model = builders.model_for(typed["model"], dataset).to(device)
-    engine = builders.engine_for(model, algorithm, dataset, typed["hardware"])
+    engine = builders.engine_for(model, algorithm, dataset, hardware)
     cpu_vmap = device.type == "cpu" and algorithm.engine == "vmap"
-    if cpu_vmap and dataset.name == "miniimagenet" and not typed["hardware"].compile:
+    if cpu_vmap and dataset.name == "miniimagenet" and not hardware.compile:
         warnings.warn(
             "on a CPU with hardware.compile=false, algorithm.engine=learn2learn meta-trains "
             "miniImageNet about 1.4x faster than the vmap engine (84x84 activations of a whole "
@@ -142,7 +143,11 @@ def run_train(cfg: DictConfig) -> float:
         console.info(f"resuming {run_dir} from iteration {start}")
     # after loading the optimizer's state: the step may switch on its `capturable` option
     meta_step = MetaStep(
-        engine, optimizer, algorithm.grad_clip, cuda_graph=typed["hardware"].cuda_graphs
+        engine,
+        optimizer,
+        algorithm.grad_clip,
+        cuda_graph=hardware.cuda_graphs,
+        bf16=hardware.precision == "bf16",
     )
     metrics = MetricsFile(run_dir, keep_until=start if payload else None)
     tracker = make_tracker(typed, run_dir, config, resume_id=(payload or {}).get("wandb_id"))

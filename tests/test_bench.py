@@ -1,8 +1,12 @@
 """`mamlrun bench` as users run it: one command, a table of all contenders, one doc section per
 machine. Speeds are not asserted here (they are the benchmark's output, not a test)."""
 
+import pytest
+
 from conftest import run_mamlrun
 from mamlrun.bench import ABLATION_EAGER, ABLATION_VMAP, CONTENDERS
+
+ABLATION_BF16 = "mamlrun vmap, bf16 autocast"
 
 
 def _table_rows(text: str) -> list[list[str]]:
@@ -18,7 +22,7 @@ def test_bench_writes_one_row_per_contender_and_replaces_its_section(tmp_path):
     first = output.read_text()
     rows = _table_rows(first)
     # on a CPU the default compiles batch norm, so the eager kernels are an ablation row too
-    assert [row[1] for row in rows] == [*CONTENDERS, ABLATION_VMAP, ABLATION_EAGER]
+    assert [row[1] for row in rows] == [*CONTENDERS, ABLATION_VMAP, ABLATION_EAGER, ABLATION_BF16]
     assert all(row[0] == "sinusoid" for row in rows)
     rates = {row[1]: float(row[2]) for row in rows}
     ratios = {row[1]: float(row[5].rstrip("×")) for row in rows}
@@ -37,12 +41,22 @@ def test_bench_without_compiling_has_no_eager_ablation_row(tmp_path):
     output = tmp_path / "bench.md"
     args = ("bench", "settings=sinusoid", "repeats=1", "seconds=0.1", "compile=false")
     run_mamlrun(*args, "ablation=true", f"output={output}", cwd=tmp_path)
-    assert [row[1] for row in _table_rows(output.read_text())] == [*CONTENDERS, ABLATION_VMAP]
+    rows = [row[1] for row in _table_rows(output.read_text())]
+    assert rows == [*CONTENDERS, ABLATION_VMAP, ABLATION_BF16]
     assert "compile=false" in output.read_text()  # the command line is recorded
 
 
-def test_bench_rejects_unknown_settings_in_one_line(tmp_path):
-    result = run_mamlrun("bench", "settings=omniglot_5w5s", cwd=tmp_path, expect_ok=False)
+@pytest.mark.parametrize(
+    ("arg", "message"),
+    [
+        ("settings=omniglot_5w5s", "settings=omniglot_5w5s: unknown"),
+        ("cuda_graphs=true", "cuda_graphs=true: for CUDA devices only (add device=cuda)"),
+        ("precision=tf32", "precision=tf32: for CUDA devices only (add device=cuda)"),
+        ("precision=fp16", "precision=fp16: expected auto, fp32, tf32 or bf16"),
+    ],
+)
+def test_bench_rejects_bad_options_in_one_line(tmp_path, arg, message):
+    result = run_mamlrun("bench", arg, cwd=tmp_path, expect_ok=False)
     assert result.returncode == 2
-    assert "settings=omniglot_5w5s: unknown" in result.stderr
+    assert message in result.stderr
     assert "Traceback" not in result.stderr

@@ -227,3 +227,34 @@ def test_compiled_kernels_match_eager(layout):
         )
         results.append([y, grad_x, grad_bias, *second])
     assert max(_relative_errors(*results)) < 1e-5
+
+
+@pytest.mark.parametrize("channels", [1, 2])
+def test_conv_and_norm_under_bf16_autocast_are_as_accurate_as_pytorch_composite(channels):
+    """`hardware.precision=bf16`: convolutions run in bfloat16 and batch norm in float32, as
+    autocast runs PyTorch's own layers; gradients come back as float32. Rounding differs from the
+    composite's, so both are compared with the float64 values: ours may not be less accurate."""
+    x, w, _, groups = _conv_inputs(torch.float64, False, x_grad=channels == 2, channels=channels)
+    shift = torch.randn(1, w.shape[0], 1, 1, generator=torch.Generator().manual_seed(3))
+    exact = (x, w, None, shift.double().requires_grad_())
+    single = [
+        None if t is None else t.detach().float().requires_grad_(t.requires_grad) for t in exact
+    ]
+
+    def ours(x, w, b, shift):
+        y = grouped_conv2d(x, w, b, (1, 1), (1, 1), (1, 1), groups)
+        return batch_norm_relu(y, shift, (0, 2, 3), 1e-3, True)
+
+    def composite(x, w, b, shift):
+        y = F.conv2d(x, w, b, 1, 1, 1, groups)
+        return _reference_norm(y.float(), shift, (0, 2, 3), 1e-3, True)
+
+    truth = [t.float() for t in _first_and_second(ours, exact)]
+    errors = []
+    for fn in (ours, composite):
+        with torch.autocast("cpu", dtype=torch.bfloat16, cache_enabled=False):
+            results = _first_and_second(fn, single)
+        assert all(r.dtype == torch.float32 for r in results)
+        errors.append(_relative_errors(results, truth))
+    for ours_error, composite_error in zip(*errors, strict=True):
+        assert ours_error < 2 * composite_error + 1e-2

@@ -101,11 +101,17 @@ def _mini_split(path: Path, classes: int, per_class: int, seed: int) -> None:
     path.write_bytes(pickle.dumps({"image_data": images, "class_dict": class_dict}))
 
 
-@pytest.mark.parametrize("compiled", [True, False], ids=["compiled", "eager"])
-def test_miniimagenet_trains_end_to_end_on_the_cpu_with_a_hint_about_the_engine(tmp_path, compiled):
+@pytest.mark.parametrize(
+    ("compiled", "precision"),
+    [(True, "fp32"), (False, "fp32"), (True, "bf16")],
+    ids=["compiled", "eager", "bf16"],
+)
+def test_miniimagenet_trains_end_to_end_on_the_cpu_with_a_hint_about_the_engine(
+    tmp_path, compiled, precision
+):
     """The miniImageNet pipeline from pickles to eval.json (images are random: no learning is
-    asserted), with batch norm compiled (the CPU default) or eager, and, eager only, the hint
-    that the learn2learn engine is faster there."""
+    asserted), with batch norm compiled (the CPU default) or eager, or under bf16 autocast, and,
+    eager only, the hint that the learn2learn engine is faster there."""
     root = tmp_path / "mini"
     root.mkdir()
     for split, classes, seed in (("train", 64, 0), ("validation", 16, 1), ("test", 20, 2)):
@@ -126,6 +132,7 @@ def test_miniimagenet_trains_end_to_end_on_the_cpu_with_a_hint_about_the_engine(
         "eval.tasks=4",
         f"hydra.run.dir={run_dir}",
         f"hardware.compile={str(compiled).lower()}",
+        f"hardware.precision={precision}",
         cwd=tmp_path,
     )
     hinted = "algorithm.engine=learn2learn meta-trains miniImageNet" in result.stderr
