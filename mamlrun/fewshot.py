@@ -25,7 +25,7 @@ import torch
 from torch.utils.data import Dataset
 
 from mamlrun.errors import UserError
-from mamlrun.tasks import TaskBatch
+from mamlrun.tasks import TaskBatch, restore_generator
 
 with contextlib.redirect_stderr(io.StringIO()):  # learn2learn imports gym, which prints a notice
     import learn2learn as l2l
@@ -331,4 +331,4 @@ class TensorClassificationTasks:
         return {"generator": self.generator.get_state()}
 
     def load_state_dict(self, state: dict) -> None:
-        self.generator.set_state(state["generator"].cpu())
+        restore_generator(self.generator, state["generator"])

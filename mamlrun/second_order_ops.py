@@ -386,6 +386,11 @@ class NormKernels:
 
     def _run(self, index: int, *args):
         if self._active is None:
+            # Each layout (dims), ReLU flag and size class compiles once; a process that trains,
+            # validates and benchmarks several settings needs more than the default 8 versions,
+            # past which dynamo silently runs the function eagerly.
+            limit = torch._dynamo.config.recompile_limit
+            torch._dynamo.config.recompile_limit = max(limit, 64)
             self._active = tuple(torch.compile(f, dynamic=True) for f in self._eager)
         try:
             return self._active[index](*args)

@@ -13,6 +13,8 @@ from dataclasses import dataclass
 
 import torch
 
+from mamlrun.errors import UserError
+
 
 @dataclass
 class TaskBatch:
@@ -109,4 +111,20 @@ class SinusoidTasks:
         return {"generator": self.generator.get_state()}
 
     def load_state_dict(self, state: dict) -> None:
-        self.generator.set_state(state["generator"].cpu())
+        restore_generator(self.generator, state["generator"])
+
+
+def restore_generator(generator: torch.Generator, state: torch.Tensor) -> None:
+    """Set a sampler's generator to a saved state.
+
+    Raises:
+        UserError: the state comes from a generator of another device type (a CUDA run resumed
+            on a CPU or back): the two draw different streams, so the run could not continue
+            the tasks it would have drawn.
+    """
+    if state.numel() != generator.get_state().numel():
+        raise UserError(
+            f"resume=: the checkpoint's task sampler drew its tasks on another device type than "
+            f"{generator.device.type}; resume with the hardware the run was trained on"
+        )
+    generator.set_state(state.cpu())

@@ -79,7 +79,7 @@ def test_cuda_graph_replays_the_eager_step(exact_float32, inner_steps, bf16):
         torch.testing.assert_close(b, a, rtol=tolerance, atol=1e-6)
 
 
-def test_cuda_graph_run_resumes_on_cpu(tmp_path):
+def test_cuda_graph_run_learns_and_resumes_without_the_graph(tmp_path):
     run_dir = tmp_path / "graphed"
     common = ("train.iterations=500", "algorithm.meta_lr=0.01", *QUICK, "train.val_tasks=50")
     common += ("train.val_every=100", "train.checkpoint_every=100", f"hydra.run.dir={run_dir}")
@@ -87,10 +87,14 @@ def test_cuda_graph_run_resumes_on_cpu(tmp_path):
     run_mamlrun("train", *cuda, *common, cwd=tmp_path)
     val = [r for r in read_jsonl(run_dir / "metrics.jsonl") if r["split"] == "val"][-1]
     assert val["mse_step1"] < 0.7 * val["mse_step0"], val  # as tests/test_train_run.py
-    longer = ("train.iterations=520", "hardware=cpu")
+    # the capturable optimizer state continues in an eager run
+    longer = ("train.iterations=520", "hardware.cuda_graphs=false")
     run_mamlrun("train", f"resume={run_dir}", *longer, cwd=tmp_path)
     rows = read_jsonl(run_dir / "metrics.jsonl")
     assert max(r["iteration"] for r in rows) == 520
+    args = ("train", f"resume={run_dir}", "hardware=cpu")
+    on_cpu = run_mamlrun(*args, cwd=tmp_path, expect_ok=False)
+    assert on_cpu.returncode == 2 and "drew its tasks on another device type" in on_cpu.stderr
 
 
 def test_train_on_cuda_end_to_end(tmp_path):

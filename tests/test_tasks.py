@@ -1,7 +1,9 @@
 import math
 
+import pytest
 import torch
 
+from mamlrun.errors import UserError
 from mamlrun.tasks import SinusoidTasks
 
 
@@ -37,6 +39,15 @@ def test_sampler_state_round_trip_continues_the_sequence():
     restored = SinusoidTasks(shots=5, query_shots=5, seed=99)
     restored.load_state_dict(state)
     assert torch.equal(restored.sample(3).support_y, expected.support_y)
+
+
+def test_sampler_state_from_another_device_type_is_refused_in_one_line():
+    """A CUDA generator's state is its seed and offset (16 bytes); a CPU generator cannot
+    continue that stream, so resuming a GPU run on a CPU says so instead of failing in torch."""
+    cuda_state = torch.cat([torch.tensor([7]), torch.tensor([4096])]).view(torch.uint8)
+    sampler = SinusoidTasks(shots=5, query_shots=5, seed=0)
+    with pytest.raises(UserError, match="another device type than cpu; resume with the hardware"):
+        sampler.load_state_dict({"generator": cuda_state})
 
 
 def test_query_grid_spans_the_input_range_evenly():
