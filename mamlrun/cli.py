@@ -42,15 +42,31 @@ EXAMPLES = textwrap.dedent(
 
 
 def _hydra_command(config_name: str, task: Callable) -> Callable[[], None]:
-    """A zero-argument entry point running `task(cfg)` under `@hydra.main`."""
+    """A zero-argument entry point running `task(cfg)` under `@hydra.main`.
+
+    A UserError is one readable line and exit status 2. In a `-m` sweep it ends only its own job:
+    the job returns NaN (sweepers such as Optuna record a failed trial), the other jobs run, and
+    the command exits 2 at the end, naming the jobs that failed.
+    """
+    failed_jobs: list[str] = []
 
     def task_function(cfg):
         try:
             return task(cfg)
         except UserError as err:
-            # One readable line, no traceback; exit status 2 like other usage errors.
-            print(f"mamlrun {config_name}: error: {err}", file=sys.stderr)
-            raise SystemExit(2) from None
+            from hydra.core.hydra_config import HydraConfig
+
+            job = HydraConfig.get()
+            if job.mode.name != "MULTIRUN":
+                print(f"mamlrun {config_name}: error: {err}", file=sys.stderr)
+                raise SystemExit(2) from None
+            overrides = " ".join(job.overrides.task)
+            print(
+                f"mamlrun {config_name}: error in job {job.job.num} ({overrides}): {err}",
+                file=sys.stderr,
+            )
+            failed_jobs.append(str(job.job.num))
+            return float("nan")
 
     def entry() -> None:
         import hydra
@@ -58,6 +74,13 @@ def _hydra_command(config_name: str, task: Callable) -> Callable[[], None]:
         hydra.main(config_path=_config_path(), config_name=config_name, version_base="1.3")(
             task_function
         )()
+        if failed_jobs:
+            print(
+                f"mamlrun {config_name}: error: sweep job(s) {', '.join(failed_jobs)} failed "
+                "(see their lines above); the other jobs finished",
+                file=sys.stderr,
+            )
+            raise SystemExit(2)
 
     return entry
 

@@ -72,3 +72,23 @@ def test_multirun_sweeps_algorithm_and_seed(tmp_path):
         for j in jobs
     }
     assert len(losses) == 4, "different algorithms and seeds must give different runs"
+
+
+def test_a_bad_job_ends_only_itself_and_the_sweep_exits_2(tmp_path):
+    result = run_mamlrun(
+        "train",
+        "-m",
+        "model=conv4_omniglot,mlp",  # conv4 on sinusoid is refused by validation
+        *QUICK,
+        "train.iterations=10",
+        "eval.tasks=10",
+        "eval.plot_tasks=0",
+        cwd=tmp_path,
+        expect_ok=False,
+    )
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert "error in job 0 (model=conv4_omniglot" in result.stderr
+    assert "needs an image dataset" in result.stderr and "Traceback" not in result.stderr
+    assert "sweep job(s) 0 failed" in result.stderr.splitlines()[-1]
+    (sweep,) = (tmp_path / "outputs/multirun").iterdir()
+    assert (sweep / "1" / "eval.json").is_file(), "the job after the bad one still ran"
