@@ -119,6 +119,9 @@ class MetaStep:
         self._inputs: tuple[torch.Tensor, ...] | None = None  # the graph's fixed input buffers
         self._outputs: dict[str, torch.Tensor] = {}  # overwritten by every replay
         self._captured_steps: int | None = None
+        # Warm-up and capture share one side stream: libraries cache handles and workspaces per
+        # stream, and creating them during the capture would fail it.
+        self._stream: torch.cuda.Stream | None = None
 
     def _parameters(self) -> Iterable[torch.Tensor]:
         return self.engine.model.parameters()
@@ -152,18 +155,19 @@ class MetaStep:
             for buffer, tensor in zip(self._inputs, batch.tensors(), strict=True):
                 buffer.copy_(tensor)
         inputs = TaskBatch(*self._inputs)
+        if self._stream is None:
+            self._stream = torch.cuda.Stream()
         if self._eager_steps < WARMUP_STEPS:
             self._eager_steps += 1
-            side = torch.cuda.Stream()
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):
+            self._stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(self._stream):
                 stats = self._step(inputs, inner_steps, measure_before=False)
-            torch.cuda.current_stream().wait_stream(side)
+            torch.cuda.current_stream().wait_stream(self._stream)
             return stats
         if self._graph is None:
             self._graph = torch.cuda.CUDAGraph()
             self.optimizer.zero_grad(set_to_none=True)
-            with torch.cuda.graph(self._graph):
+            with torch.cuda.graph(self._graph, stream=self._stream):
                 self._outputs = self._step(inputs, inner_steps, measure_before=False)
             self._captured_steps = inner_steps
         self._graph.replay()  # capturing ran nothing: the replay is this iteration
