@@ -58,9 +58,8 @@ ROOT = Path("outputs/reproduce")
 # development CPU (both cores, torch 2.14): sinusoid from full `mamlrun reproduce sinusoid` runs
 # (validation included); Omniglot from timed training steps of each preset (its engine, sampler
 # and hardware defaults: hand-written second derivatives, compiled batch norm) on the real data;
-# miniImageNet from timed steps on random images of its shape before those changes, so it now
-# underestimates the speed. Only for rough time estimates; a GPU is much faster on the conv
-# presets. Evaluation is not included.
+# miniImageNet likewise on random images of its shape (its images are not shipped). Only for
+# rough time estimates; a GPU is much faster on the conv presets. Evaluation is not included.
 CPU_TASKS_PER_SECOND: dict[str, float] = {
     "sinusoid_maml": 7800,
     "sinusoid_pretrained": 18000,
@@ -70,10 +69,10 @@ CPU_TASKS_PER_SECOND: dict[str, float] = {
     "omniglot_20w5s": 2.0,
     "omniglot_mlp_5w1s": 525,
     "omniglot_mlp_5w5s": 430,
-    "miniimagenet_5w1s": 1.0,
-    "miniimagenet_5w5s": 0.4,
-    "miniimagenet_fo_5w1s": 1.7,
-    "miniimagenet_fo_5w5s": 1.0,
+    "miniimagenet_5w1s": 1.4,
+    "miniimagenet_5w5s": 0.63,
+    "miniimagenet_fo_5w1s": 2.2,
+    "miniimagenet_fo_5w5s": 1.4,
 }
 
 REUSE, RESUME, RUN = "reuse", "resume", "run"
