@@ -40,7 +40,7 @@ import torch
 import torch.nn.functional as F
 
 from mamlrun import builders, console
-from mamlrun.config import Hardware
+from mamlrun.config import Hardware, hardware_defaults
 from mamlrun.engine import Learn2LearnEngine
 from mamlrun.errors import UserError
 from mamlrun.fewshot import TensorClassificationTasks
@@ -317,11 +317,15 @@ def run_bench(args: list[str]) -> None:
         )
     )
     # auto: as training runs by default on this device (conf/hardware/cpu.yaml, cuda.yaml)
+    shipped = hardware_defaults(device.type)
+
+    def flag(key: str, shipped_value: bool) -> bool:
+        return shipped_value if options[key] == "auto" else options[key] == "true"
+
     default = VmapOptions(
-        compile_kernels=options["compile"] == "true"
-        or (options["compile"] == "auto" and device.type == "cpu"),
-        cuda_graph=options["cuda_graphs"] == "true",
-        precision="fp32" if options["precision"] == "auto" else options["precision"],
+        compile_kernels=flag("compile", shipped.compile),
+        cuda_graph=flag("cuda_graphs", shipped.cuda_graphs),
+        precision=shipped.precision if options["precision"] == "auto" else options["precision"],
     )
     tf32 = default.precision == "tf32"
     for key, cuda_only in (("cuda_graphs", default.cuda_graph), ("precision", tf32)):

@@ -19,11 +19,9 @@ from mamlrun.errors import UserError
 def _config_path() -> str:
     """The installed configs (`mamlrun.conf`), or the checkout's `conf/` when mamlrun runs from a
     source tree that is not installed (`python -m mamlrun` inside the repository)."""
-    import importlib.util
+    from mamlrun.config import SOURCE_CONF_DIR, configs_installed
 
-    if importlib.util.find_spec("mamlrun.conf") is not None:
-        return "pkg://mamlrun.conf"
-    return str(Path(__file__).resolve().parents[1] / "conf")
+    return "pkg://mamlrun.conf" if configs_installed() else str(SOURCE_CONF_DIR)
 
 
 EXAMPLES = textwrap.dedent(

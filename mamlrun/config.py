@@ -9,8 +9,11 @@ so adding a dataset, model or algorithm means adding a dataclass here and a YAML
 
 from __future__ import annotations
 
+import importlib.util
 import inspect
 from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
 from typing import Any
 
 import hydra.utils
@@ -222,6 +225,25 @@ TOP_LEVEL: dict[str, dict[str, Any]] = {
 
 
 # -------------------------------------------------------------------------------- validation
+
+
+# The checkout's configs, used when mamlrun runs from a source tree that is not installed.
+SOURCE_CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
+
+
+def configs_installed() -> bool:
+    """Whether the configs are installed as the `mamlrun.conf` package."""
+    return importlib.util.find_spec("mamlrun.conf") is not None
+
+
+def hardware_defaults(device_type: str) -> Hardware:
+    """The shipped `hardware=<device_type>` group (conf/hardware/cpu.yaml, cuda.yaml): how
+    training runs by default on that device type; the schema's defaults for other types."""
+    folder = resources.files("mamlrun.conf") if configs_installed() else SOURCE_CONF_DIR
+    path = folder / "hardware" / f"{device_type}.yaml"
+    if not path.is_file():
+        return Hardware(name=device_type, device=device_type)
+    return _typed("hardware", OmegaConf.create(path.read_text()), Hardware)
 
 
 def _typed(path: str, node: Any, schema: type) -> Any:
