@@ -58,21 +58,22 @@ ROOT = Path("outputs/reproduce")
 # development CPU (both cores, torch 2.14): sinusoid from full `mamlrun reproduce sinusoid` runs
 # (validation included); Omniglot from timed training steps of each preset (its engine, sampler
 # and hardware defaults: hand-written second derivatives, compiled batch norm) on the real data;
-# miniImageNet likewise on random images of its shape (its images are not shipped). Only for
-# rough time estimates; a GPU is much faster on the conv presets. Evaluation is not included.
+# miniImageNet likewise on random images of its shape (its images are not shipped); all with
+# glibc's malloc keeping freed memory (`builders.keep_freed_memory`). Only for rough time
+# estimates; a GPU is much faster on the conv presets. Evaluation is not included.
 CPU_TASKS_PER_SECOND: dict[str, float] = {
     "sinusoid_maml": 7800,
     "sinusoid_pretrained": 18000,
     "omniglot_5w1s": 230,
-    "omniglot_5w5s": 40,
-    "omniglot_20w1s": 17.6,
-    "omniglot_20w5s": 2.0,
-    "omniglot_mlp_5w1s": 525,
-    "omniglot_mlp_5w5s": 430,
-    "miniimagenet_5w1s": 1.4,
-    "miniimagenet_5w5s": 0.63,
-    "miniimagenet_fo_5w1s": 2.2,
-    "miniimagenet_fo_5w5s": 1.4,
+    "omniglot_5w5s": 58,
+    "omniglot_20w1s": 18.3,
+    "omniglot_20w5s": 3.6,
+    "omniglot_mlp_5w1s": 510,
+    "omniglot_mlp_5w5s": 410,
+    "miniimagenet_5w1s": 2.8,
+    "miniimagenet_5w5s": 1.1,
+    "miniimagenet_fo_5w1s": 3.7,
+    "miniimagenet_fo_5w5s": 1.9,
 }
 
 REUSE, RESUME, RUN = "reuse", "resume", "run"

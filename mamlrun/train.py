@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import statistics
 import time
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -117,14 +116,6 @@ def run_train(cfg: DictConfig) -> float:
         console.print_config_tree(config, title=f"mamlrun train → {run_dir}")
     model = builders.model_for(typed["model"], dataset).to(device)
     engine = builders.engine_for(model, algorithm, dataset, hardware)
-    cpu_vmap = device.type == "cpu" and algorithm.engine == "vmap"
-    if cpu_vmap and dataset.name == "miniimagenet" and not hardware.compile:
-        warnings.warn(
-            "on a CPU with hardware.compile=false, algorithm.engine=learn2learn meta-trains "
-            "miniImageNet about 1.4x faster than the vmap engine (84x84 activations of a whole "
-            "meta-batch; see docs/benchmarks.md); with compiled batch norm both run alike",
-            stacklevel=1,
-        )
     optimizer = builders.meta_optimizer(model, algorithm)
     params = sum(p.numel() for p in model.parameters())
     console.info(f"model <{typed['model'].name}> with {params:,} parameters on {device}")

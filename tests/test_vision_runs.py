@@ -110,8 +110,7 @@ def test_miniimagenet_trains_end_to_end_on_the_cpu_with_a_hint_about_the_engine(
     tmp_path, compiled, precision
 ):
     """The miniImageNet pipeline from pickles to eval.json (images are random: no learning is
-    asserted), with batch norm compiled (the CPU default) or eager, or under bf16 autocast, and,
-    eager only, the hint that the learn2learn engine is faster there."""
+    asserted), with batch norm compiled (the CPU default) or eager, or under bf16 autocast."""
     root = tmp_path / "mini"
     root.mkdir()
     for split, classes, seed in (("train", 64, 0), ("validation", 16, 1), ("test", 20, 2)):
@@ -135,8 +134,6 @@ def test_miniimagenet_trains_end_to_end_on_the_cpu_with_a_hint_about_the_engine(
         f"hardware.precision={precision}",
         cwd=tmp_path,
     )
-    hinted = "algorithm.engine=learn2learn meta-trains miniImageNet" in result.stderr
-    assert hinted == (not compiled)
     assert "No CUDA runtime" not in result.stderr  # Inductor's set-up log stays quiet
     results = json.loads((run_dir / "eval.json").read_text())["results"]
     accuracy = next(iter(results.values()))["acc"]["mean"]
