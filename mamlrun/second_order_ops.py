@@ -16,8 +16,9 @@ and with the batch-norm derivatives in closed form (about five passes for the fi
 for the second). With two more savings (`_InputConv`: the first layer as unfold + matmul;
 `_GroupedConv`'s dense convolutions while every task still has the meta-weights) and the
 batch-norm formulas compiled (`NormKernels`), second-order MAML on Omniglot 5w1s went from 2.8x to
-4.9x the learn2learn example on a 2-core CPU (each step measured in docs/benchmarks.md; 3.8x on
-another 2-core machine, where the example itself runs faster).
+4.9x the learn2learn example on a 2-core CPU (each step measured in docs/benchmarks.md; 3.6x to
+3.9x on another 2-core machine, where the example itself runs faster, and 4.0x to 4.2x there once
+glibc's malloc keeps freed memory, `builders.keep_freed_memory`).
 
 Each Function's backward is itself a Function (`_GroupedConvGrad`, `_BatchNormReLUGrad`) whose
 backward is the hand-written second derivative, which builds no graph: MAML's outer backward

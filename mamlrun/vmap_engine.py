@@ -22,8 +22,8 @@ Second-order MAML differentiates each layer's backward pass once more; for the w
 convolutions and batch norm those second derivatives are hand-written (`mamlrun.second_order_ops`).
 
 The results equal `Learn2LearnEngine`'s (tests/test_engine_equivalence.py). On a 2-core CPU it is
-13.4x the learn2learn example on the sinusoid MLP and 3.8x to 4.9x on Omniglot conv4, depending on
-the machine (docs/benchmarks.md).
+12.8x to 13.4x the learn2learn example on the sinusoid MLP and 4.0x to 4.9x on Omniglot conv4,
+depending on the machine (docs/benchmarks.md).
 """
 
 from __future__ import annotations
