@@ -319,12 +319,14 @@ def run_bench(args: list[str]) -> None:
     # auto: as training runs by default on this device (conf/hardware/cpu.yaml, cuda.yaml)
     shipped = hardware_defaults(device.type)
 
+    on_cuda = device.type == "cuda"
+
     def flag(key: str, shipped_value: bool) -> bool:
         return shipped_value if options[key] == "auto" else options[key] == "true"
 
     default = VmapOptions(
         compile_kernels=flag("compile", shipped.compile),
-        cuda_graph=flag("cuda_graphs", shipped.cuda_graphs),
+        cuda_graph=flag("cuda_graphs", shipped.cuda_graphs in (True, "auto") and on_cuda),
         precision=shipped.precision if options["precision"] == "auto" else options["precision"],
     )
     tf32 = default.precision == "tf32"
@@ -396,20 +398,28 @@ def run_bench(args: list[str]) -> None:
                 }
             )
         del steps
-    _report(results, hardware, options)
+        # after every setting: a bench stopped later (a time limit) keeps the finished ones
+        _write_section(results, hardware, options)
+    console.print_table(
+        f"Meta-training throughput, second-order MAML ({hardware})", COLUMNS, _table_rows(results)
+    )
+    if options["output"]:
+        console.info(f"wrote {options['output']}")
 
 
-def _report(results: list[dict], hardware: str, options: dict) -> None:
-    columns = [
-        "setting",
-        "contender",
-        "it/s (median)",
-        "min-max",
-        "tasks/s",
-        "× plain l2l",
-        "peak GPU MiB",
-    ]
-    rows = [
+COLUMNS = [
+    "setting",
+    "contender",
+    "it/s (median)",
+    "min-max",
+    "tasks/s",
+    "× plain l2l",
+    "peak GPU MiB",
+]
+
+
+def _table_rows(results: list[dict]) -> list[list[str]]:
+    return [
         [
             r["setting"],
             r["contender"],
@@ -421,9 +431,13 @@ def _report(results: list[dict], hardware: str, options: dict) -> None:
         ]
         for r in results
     ]
-    console.print_table(f"Meta-training throughput, second-order MAML ({hardware})", columns, rows)
+
+
+def _write_section(results: list[dict], hardware: str, options: dict) -> None:
+    """Replace this hardware's section of the output file (none when output is empty)."""
     if not options["output"]:
         return
+    rows = _table_rows(results)
     command = "mamlrun bench " + " ".join(f"{k}={v}" for k, v in options.items() if v)
     lines = [
         f"## {hardware}",
@@ -431,8 +445,8 @@ def _report(results: list[dict], hardware: str, options: dict) -> None:
         f"`{command}` ({time.strftime('%Y-%m-%d')}; {options['repeats']} interleaved repeats of "
         f"at least {options['seconds']} s each; median, min-max).",
         "",
-        "| " + " | ".join(columns) + " |",
-        "|" + " --- |" * len(columns),
+        "| " + " | ".join(COLUMNS) + " |",
+        "|" + " --- |" * len(COLUMNS),
         *("| " + " | ".join(row) + " |" for row in rows),
         "",
         "Data: " + "; ".join(sorted({f"{r['setting']}: {r['data']}" for r in results})) + ".",
@@ -447,4 +461,3 @@ def _report(results: list[dict], hardware: str, options: dict) -> None:
         "## " + s.rstrip("\n") for s in sections[1:] if not s.startswith(hardware)
     ]
     path.write_text("\n\n".join([*kept, "\n".join(lines)]))
-    console.info(f"wrote {path}")
