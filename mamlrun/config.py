@@ -135,7 +135,9 @@ class Hardware:
     deterministic: bool = True
     compile: bool = False  # torch.compile the vmap engine's batch-norm kernels
     precision: str = "fp32"  # fp32; tf32 (CUDA); bf16 (autocast of the training steps)
-    cuda_graphs: bool = False  # replay the vmap engine's meta-training step as a CUDA graph
+    # replay the vmap engine's meta-training step as a CUDA graph: true, false, or auto (where
+    # the step can be captured: a CUDA device and the vmap engine's MAML or FOMAML)
+    cuda_graphs: bool | str = "auto"
 
 
 @dataclass
@@ -448,17 +450,35 @@ def _check_cuda_options(hardware: Hardware, algorithm: Algorithm | None) -> None
         f"tf32 is for CUDA devices; use hardware.precision=fp32 (or bf16) on {hardware.device}",
     )
     _check(
-        not hardware.cuda_graphs or on_cuda,
+        hardware.cuda_graphs in (True, False, "auto"),
+        "hardware.cuda_graphs",
+        f"choose true, false or auto, got {hardware.cuda_graphs!r}",
+    )
+    _check(
+        hardware.cuda_graphs is not True or on_cuda,
         "hardware.cuda_graphs",
         f"CUDA graphs need a CUDA device; set hardware.cuda_graphs=false on {hardware.device}",
     )
-    if hardware.cuda_graphs and algorithm is not None:
+    if hardware.cuda_graphs is True and algorithm is not None:
         _check(
             algorithm.engine == "vmap" and algorithm.name != "pretrain",
             "hardware.cuda_graphs",
             "only the vmap engine's MAML step can be captured; use algorithm.engine=vmap or "
             "hardware.cuda_graphs=false",
         )
+
+
+def captures_cuda_graph(hardware: Hardware, algorithm: Algorithm) -> bool:
+    """Whether training replays its step as a CUDA graph: `hardware.cuda_graphs=true` (validated
+    to be possible), or `auto` where it is possible (a CUDA device, the vmap engine's MAML or
+    FOMAML step; not the learn2learn engine, which reads values on the host for every task)."""
+    if hardware.cuda_graphs != "auto":
+        return bool(hardware.cuda_graphs)
+    return (
+        hardware.device.startswith("cuda")
+        and algorithm.engine == "vmap"
+        and algorithm.name != "pretrain"
+    )
 
 
 def _check_image_dataset(dataset: ImageDataset) -> None:

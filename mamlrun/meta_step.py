@@ -9,12 +9,13 @@ it if asked, take the outer optimizer step. Two things here are for GPUs:
   iteration's kernels while the GPU still runs this one;
 - with `cuda_graph=True` (`hardware.cuda_graphs`) the vmap engine's step is captured once as a
   CUDA graph and replayed: an Omniglot 5w1s meta-iteration is about a thousand small kernels, and
-  at ~35 it/s on an H200 the GPU mostly waits for Python to launch them; a replay launches them
-  all with one call. The meta-batch is copied into fixed input buffers first (the sampler keeps
-  running outside the graph, so its random state, checkpoints and resume work unchanged).
+  eagerly (43 it/s on an H200) the GPU mostly waits for Python to launch them; a replay launches
+  them all with one call (213 it/s). The meta-batch is copied into fixed input buffers first
+  (the sampler keeps running outside the graph, so its random state, checkpoints and resume work
+  unchanged).
 
-The captured step computes what the eager step computes (tests/test_gpu.py compares parameters
-after several steps), with three consequences a user sees:
+The captured step computes what the eager step computes (tests/test_gpu.py compares each
+iteration's statistics, Adam state and update in float64), with three consequences a user sees:
 
 - iterations that measure the pre-adaptation loss (the logged ones) run eagerly: they need an
   extra forward pass that the captured step does not have;
@@ -42,6 +43,12 @@ StepStats = dict[str, "torch.Tensor | float"]
 WARMUP_STEPS = 3
 
 
+def can_be_captured(optimizer: torch.optim.Optimizer) -> bool:
+    """Whether `optimizer.step()` can run inside a CUDA graph: it has a `capturable` option
+    (Adam, AdamW, ...) or keeps no state on the host (SGD)."""
+    return "capturable" in optimizer.defaults or type(optimizer) is torch.optim.SGD
+
+
 def set_capturable(optimizer: torch.optim.Optimizer, capturable: bool) -> None:
     """Switch the optimizer's `capturable` option; on, move its step counters to the device.
 
@@ -58,14 +65,14 @@ def set_capturable(optimizer: torch.optim.Optimizer, capturable: bool) -> None:
             if group.get("capturable") and any(p.device.type == "cpu" for p in group["params"]):
                 group["capturable"] = False
         return
-    if "capturable" not in optimizer.defaults:
-        if type(optimizer) is torch.optim.SGD:
-            return  # no step counter: nothing on the host
+    if not can_be_captured(optimizer):
         raise UserError(
             f"hardware.cuda_graphs=true: {type(optimizer).__name__} cannot be captured in a CUDA "
             "graph (it has no 'capturable' option); use torch.optim.Adam / AdamW / SGD as "
             "algorithm.meta_optimizer or set hardware.cuda_graphs=false"
         )
+    if "capturable" not in optimizer.defaults:
+        return  # SGD: no step counter, nothing on the host
     for group in optimizer.param_groups:
         group["capturable"] = True
         for param in group["params"]:

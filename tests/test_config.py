@@ -7,7 +7,7 @@ import pytest
 from hydra import compose, initialize_config_module
 from hydra.core.global_hydra import GlobalHydra
 
-from mamlrun.config import ConfigError, validate
+from mamlrun.config import ConfigError, captures_cuda_graph, validate
 
 GROUPS = ("dataset", "model", "algorithm", "hardware", "logger")
 
@@ -94,6 +94,7 @@ def test_default_is_the_papers_sinusoid_setting():
         ("hardware.precision=fp16", "hardware.precision"),
         ("hardware.precision=tf32", "hardware.precision"),  # on hardware=cpu
         ("hardware.cuda_graphs=true", "hardware.cuda_graphs"),  # on hardware=cpu
+        ("hardware=cuda hardware.cuda_graphs=sometimes", "hardware.cuda_graphs"),
         (
             "hardware=cuda hardware.cuda_graphs=true algorithm.engine=learn2learn",
             "hardware.cuda_graphs",
@@ -106,6 +107,23 @@ def test_bad_values_fail_with_one_line_naming_the_key(override, key):
         validate(compose_train(override.split()))
     message = str(error.value)
     assert message.startswith(key) and "\n" not in message
+
+
+@pytest.mark.parametrize(
+    ("overrides", "captured"),
+    [
+        ("hardware=cuda", True),  # cuda.yaml's auto, the vmap engine's MAML
+        ("hardware=cuda algorithm=fomaml", True),
+        ("hardware=cuda algorithm.engine=learn2learn", False),  # auto stays eager, no error
+        ("hardware=cuda algorithm=pretrain", False),
+        ("hardware=cuda hardware.cuda_graphs=false", False),
+        ("hardware=cpu", False),
+        ("hardware=cpu hardware.cuda_graphs=auto", False),
+    ],
+)
+def test_cuda_graphs_auto_captures_where_the_step_can_be_captured(overrides, captured):
+    typed = validate(compose_train(overrides.split()))
+    assert captures_cuda_graph(typed["hardware"], typed["algorithm"]) is captured
 
 
 @pytest.mark.parametrize(

@@ -9,7 +9,7 @@ import torch
 
 from mamlrun.engine import Learn2LearnEngine
 from mamlrun.errors import UserError
-from mamlrun.meta_step import MetaStep, read_stats, set_capturable
+from mamlrun.meta_step import MetaStep, can_be_captured, read_stats, set_capturable
 from mamlrun.models import mlp
 from mamlrun.tasks import SinusoidTasks
 from mamlrun.vmap_engine import VmapEngine
@@ -69,6 +69,7 @@ def test_cuda_graphs_refuse_what_cannot_be_captured():
     set_capturable(adam, True)
     assert adam.param_groups[0]["capturable"]
     set_capturable(torch.optim.SGD(params, lr=0.1), True)  # no host state: nothing to switch
+    assert can_be_captured(adam) and not can_be_captured(torch.optim.Adagrad(params))
     with pytest.raises(UserError, match="^hardware.cuda_graphs=true: Adagrad cannot be captured"):
         set_capturable(torch.optim.Adagrad(params), True)
     model = mlp((1,), 1, hidden=[8])
