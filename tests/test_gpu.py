@@ -10,6 +10,7 @@ from mamlrun.engine import Learn2LearnEngine
 from mamlrun.fewshot import TensorClassificationTasks
 from mamlrun.meta_step import MetaStep, read_stats
 from mamlrun.models import conv4
+from mamlrun.tasks import TaskBatch
 
 pytestmark = [
     pytest.mark.gpu,
@@ -49,34 +50,88 @@ def test_vmap_engine_matches_learn2learn_on_cuda(exact_float32, options):
         torch.testing.assert_close(b.grad, a.grad, rtol=1e-3, atol=1e-5)
 
 
+def _restart_from(eager: MetaStep, graphed: MetaStep) -> None:
+    """Give the eager twin the graphed one's parameters and Adam state (in place)."""
+    with torch.no_grad():
+        pairs = zip(eager.engine.model.parameters(), graphed.engine.model.parameters(), strict=True)
+        for mine, theirs in pairs:
+            mine.copy_(theirs)
+            state, source = eager.optimizer.state[mine], graphed.optimizer.state[theirs]
+            for key, value in source.items():  # "step" is on the host unless capturable
+                state[key].copy_(value)
+
+
+def _bias_before_batch_norm(model: torch.nn.Sequential, name: str) -> bool:
+    """Batch norm cancels a convolution's bias: its meta-gradient is rounding noise (and Adam
+    turns the noise's sign into a step of up to the learning rate either way)."""
+    index, _, kind = name.partition(".")
+    return kind == "bias" and isinstance(model[int(index)], torch.nn.Conv2d)
+
+
+def _assert_close_in_norm(actual: torch.Tensor, expected: torch.Tensor, rel: float, what: str):
+    error = float((actual - expected).norm() / expected.norm())
+    assert error <= rel, f"{what}: relative error {error:.2e} > {rel:.0e}"
+
+
 @pytest.mark.parametrize(
-    ("inner_steps", "bf16"), [(1, False), (3, False), (1, True)], ids=["1step", "3steps", "bf16"]
+    ("inner_steps", "precision"),
+    [(1, "float64"), (3, "float64"), (1, "bf16")],
+    ids=["1step", "3steps", "bf16"],
 )
-def test_cuda_graph_replays_the_eager_step(exact_float32, inner_steps, bf16):
-    """Warm-up, capture, replays and eager logged steps in between: the captured run's
-    statistics and parameters follow the eager run's (clipping, Adam and autocast included)."""
+def test_cuda_graph_replays_the_eager_step(exact_float32, inner_steps, precision):
+    """Warm-up, capture, replays and eager logged steps in between: every captured iteration
+    computes what the eager step computes from the same state: statistics, Adam's moments and
+    step count (capturable Adam against PyTorch's default), the parameter update (clipping and
+    autocast included).
+
+    The eager twin restarts from the graphed one's state every iteration, and the comparison
+    runs in float64 (bf16: autocast of float32). Second-order MAML through batch norm on 1-shot
+    tasks is ill-conditioned: on the CPU, the float32 meta-gradient of this setting's first
+    convolution weights is up to 12 % (norm) away from the float64 one after three inner steps.
+    Two float32 computations that round differently (kernels chosen per stream) differ as much,
+    and free-running twins drift apart (measured on an H200 with float32 twins: 2e-3 relative in
+    the loss after two iterations; float32 per-element comparisons failed there)."""
     from mamlrun.vmap_engine import VmapEngine
 
+    bf16 = precision == "bf16"
+    dtype = torch.float32 if bf16 else torch.float64
     images = torch.randint(0, 256, (40, 20, 28, 28), dtype=torch.uint8)
     sampler = TensorClassificationTasks(images, range(40), 5, 1, 1, rotations=True, device="cuda")
     torch.manual_seed(0)
-    model = conv4((1, 28, 28), 5).cuda()
+    model = conv4((1, 28, 28), 5).to("cuda", dtype)
+    lr = 1e-3
     steps = []
     for captured, twin in ((False, model), (True, copy.deepcopy(model))):
         engine = VmapEngine(twin, 0.4, task_type="classification")
-        optimizer = torch.optim.Adam(twin.parameters(), lr=1e-3)
+        optimizer = torch.optim.Adam(twin.parameters(), lr=lr)
         steps.append(MetaStep(engine, optimizer, grad_clip=0.5, cuda_graph=captured, bf16=bf16))
     eager, graphed = steps
-    tolerance = 1e-2 if bf16 else 1e-4
+    # bf16: one of the 40 query predictions may flip (accuracy 0.025)
+    stats_tolerance = {"rel": 1e-2, "abs": 0.026} if bf16 else {"rel": 1e-9, "abs": 1e-12}
+    rel = 5e-2 if bf16 else 1e-7
     for iteration in range(10):
         batch = sampler.sample(8)
+        batch = TaskBatch(*(t.to(dtype) if t.is_floating_point() else t for t in batch.tensors()))
         logged = iteration in (2, 6)  # before and after the capture
+        if iteration:
+            _restart_from(eager, graphed)
+        before = [p.detach().clone() for p in model.parameters()]
         expected = read_stats([eager(batch, inner_steps, logged)])[0]
         actual = read_stats([graphed(batch, inner_steps, logged)])[0]
-        assert actual == pytest.approx(expected, rel=tolerance, abs=1e-6), iteration
+        assert actual == pytest.approx(expected, **stats_tolerance), iteration
+        named = zip(
+            model.named_parameters(), graphed.engine.model.parameters(), before, strict=True
+        )
+        for (name, a), b, start in named:
+            state, captured_state = eager.optimizer.state[a], graphed.optimizer.state[b]
+            assert float(captured_state["step"]) == float(state["step"]) == iteration + 1
+            if _bias_before_batch_norm(model, name):
+                continue
+            where = f"iteration {iteration}, {name}"
+            for key in ("exp_avg", "exp_avg_sq"):
+                _assert_close_in_norm(captured_state[key], state[key], rel, f"{where} {key}")
+            _assert_close_in_norm(b - start, a - start, rel, f"{where} update")
     assert graphed._graph is not None
-    for a, b in zip(model.parameters(), graphed.engine.model.parameters(), strict=True):
-        torch.testing.assert_close(b, a, rtol=tolerance, atol=1e-6)
 
 
 def test_cuda_graph_run_learns_and_resumes_without_the_graph(tmp_path):
@@ -103,12 +158,14 @@ def test_train_on_cuda_end_to_end(tmp_path):
         "train",
         "hardware=cuda",
         "algorithm.engine=vmap",
-        "train.iterations=200",
+        "train.iterations=500",
         "algorithm.meta_lr=0.01",
         *QUICK,
+        "train.val_every=100",
+        "train.val_tasks=50",
         f"hydra.run.dir={run_dir}",
         cwd=tmp_path,
     )
     val = [r for r in read_jsonl(run_dir / "metrics.jsonl") if r["split"] == "val"][-1]
-    assert val["mse_step1"] < 0.8 * val["mse_step0"]
+    assert val["mse_step1"] < 0.7 * val["mse_step0"], val  # as tests/test_train_run.py
     assert (run_dir / "eval.json").is_file()
