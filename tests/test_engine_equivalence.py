@@ -22,9 +22,10 @@ import pytest
 import torch
 from torch import nn
 
+from conftest import cancelled_biases, relative_error
 from mamlrun.engine import Learn2LearnEngine
 from mamlrun.errors import UserError
-from mamlrun.models import BatchStatNorm, conv4, mlp
+from mamlrun.models import conv4, mlp
 from mamlrun.tasks import TaskBatch
 from mamlrun.vmap_engine import VmapEngine
 
@@ -103,22 +104,6 @@ def _batch(input_shape, ways, tasks, support, query, seed=0) -> TaskBatch:
     return TaskBatch(x[:, :support], y[:, :support], x[:, support:], y[:, support:])
 
 
-def _cancelled_biases(model: nn.Sequential) -> set[str]:
-    """Biases of the layers right before batch norm: it subtracts them out, so their exact
-    meta-gradient is 0 and what both engines compute is rounding noise, with no relative error."""
-    layers = list(model.named_children())
-    return {
-        f"{name}.bias"
-        for (name, _), (_, following) in zip(layers[:-1], layers[1:], strict=True)
-        if isinstance(following, BatchStatNorm)
-    }
-
-
-def _relative_error(actual, expected) -> float:
-    actual, expected = torch.as_tensor(actual), torch.as_tensor(expected)
-    return ((actual - expected).norm() / expected.norm().clamp_min(1e-12)).item()
-
-
 # How VmapEngine runs the model: written-out layers (batch norm eager or compiled) or vmap.
 PATHS = {
     "layers": {"batching": "layers"},
@@ -147,16 +132,16 @@ def test_vmap_engine_matches_learn2learn(case, first_order, inner_steps, path, d
     assert actual.keys() == expected.keys()
     for key in expected:
         assert math.isfinite(expected[key])
-        assert _relative_error(actual[key], expected[key]) <= tolerance, key
+        assert relative_error(actual[key], expected[key]) <= tolerance, key
     grads = {name: p.grad for name, p in engine.model.named_parameters()}
     expected_grads = {name: p.grad for name, p in reference.model.named_parameters()}
     scale = torch.cat([g.flatten() for g in expected_grads.values()]).norm()
-    cancelled = _cancelled_biases(model)
+    cancelled = cancelled_biases(model)
     for name, expected_grad in expected_grads.items():
         if name in cancelled:  # both ~0: small against the whole meta-gradient
             assert max(grads[name].norm(), expected_grad.norm()) <= tolerance * scale, name
         else:
-            assert _relative_error(grads[name], expected_grad) <= tolerance, name
+            assert relative_error(grads[name], expected_grad) <= tolerance, name
 
     expected_curve, actual_curve = (
         e.adaptation_curve(batch, inner_steps) for e in (reference, engine)
@@ -164,7 +149,7 @@ def test_vmap_engine_matches_learn2learn(case, first_order, inner_steps, path, d
     assert actual_curve.keys() == expected_curve.keys()
     for key, values in expected_curve.items():
         assert actual_curve[key].shape == (c.tasks, inner_steps + 1)
-        assert _relative_error(actual_curve[key], values) <= tolerance, key
+        assert relative_error(actual_curve[key], values) <= tolerance, key
 
 
 @pytest.mark.parametrize("batching", ["layers", "vmap"])
@@ -180,7 +165,7 @@ def test_predictions_match_learn2learn(batching, dtype):
     assert actual.keys() == expected.keys() == {0, 1, 10}
     for step in expected:
         assert actual[step].shape == (50, 1)
-        assert _relative_error(actual[step], expected[step]) <= TOLERANCE[dtype]
+        assert relative_error(actual[step], expected[step]) <= TOLERANCE[dtype]
 
 
 def test_adaptation_curve_leaves_meta_parameters_unchanged():
@@ -231,9 +216,9 @@ def test_models_with_unknown_layers_use_vmap_and_still_match():
     assert engine._batched is None
     reference = Learn2LearnEngine(copy.deepcopy(model), inner_lr=0.01)
     expected, actual = (e.meta_backward(batch, inner_steps=2) for e in (reference, engine))
-    assert _relative_error(actual["loss_post"], expected["loss_post"]) <= 1e-4
+    assert relative_error(actual["loss_post"], expected["loss_post"]) <= 1e-4
     for p, q in zip(engine.model.parameters(), reference.model.parameters(), strict=True):
-        assert _relative_error(p.grad, q.grad) <= 1e-4
+        assert relative_error(p.grad, q.grad) <= 1e-4
 
 
 @pytest.mark.parametrize(

@@ -5,7 +5,7 @@ import copy
 import pytest
 import torch
 
-from conftest import QUICK, read_jsonl, run_mamlrun
+from conftest import QUICK, cancelled_biases, read_jsonl, relative_error, run_mamlrun
 from mamlrun.engine import Learn2LearnEngine
 from mamlrun.fewshot import TensorClassificationTasks
 from mamlrun.meta_step import MetaStep, read_stats
@@ -20,8 +20,8 @@ pytestmark = [
 
 @pytest.fixture
 def exact_float32():
-    """cuDNN convolutions default to TF32 on Ampere and newer, which rounds differently for the
-    batched (vmap) and per-task convolutions; compare in true float32."""
+    """cuDNN convolutions default to TF32 on Ampere and newer: the bf16 case's float32 parts run
+    in true float32, as `hardware.precision=fp32` trains."""
     saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
     torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
     yield
@@ -33,21 +33,34 @@ def exact_float32():
     [{"batching": "layers"}, {"batching": "layers", "compile_kernels": True}, {"batching": "vmap"}],
     ids=["layers", "layers_compiled", "vmap"],
 )
-def test_vmap_engine_matches_learn2learn_on_cuda(exact_float32, options):
+def test_vmap_engine_matches_learn2learn_on_cuda(options):
+    """The CUDA kernels of both engines compute the same meta-gradient, in float64 and to the
+    issue's 1e-5 as tests/test_engine_equivalence.py does on the CPU. In float32 this setting
+    (the authors' std-1 head at initialisation, 1-shot batch norm) is too ill-conditioned for a
+    check: on the CPU the two engines' float32 first-conv gradients differ by 1.3e-3 (norm)."""
     from mamlrun.vmap_engine import VmapEngine
 
     images = torch.randint(0, 256, (40, 20, 28, 28), dtype=torch.uint8)
     sampler = TensorClassificationTasks(images, range(40), 5, 1, 1, rotations=True, device="cuda")
-    batch = sampler.sample(8)
+    batch = _as_dtype(sampler.sample(8), torch.float64)
     torch.manual_seed(0)
-    model = conv4((1, 28, 28), 5).cuda()
+    model = conv4((1, 28, 28), 5).to("cuda", torch.float64)
     twin = copy.deepcopy(model)
     reference = Learn2LearnEngine(model, 0.4, task_type="classification").meta_backward(batch, 1)
     engine = VmapEngine(twin, 0.4, task_type="classification", **options)
     fast = engine.meta_backward(batch, 1)
-    assert fast["loss_post"] == pytest.approx(reference["loss_post"], rel=1e-4)
-    for a, b in zip(model.parameters(), twin.parameters(), strict=True):
-        torch.testing.assert_close(b.grad, a.grad, rtol=1e-3, atol=1e-5)
+    assert relative_error(fast["loss_post"], reference["loss_post"]) <= 1e-5
+    # as tests/test_engine_equivalence.py: norms; batch norm's cancelled biases only small
+    scale = torch.cat([p.grad.flatten() for p in model.parameters()]).norm()
+    for (name, a), b in zip(model.named_parameters(), twin.parameters(), strict=True):
+        if name in cancelled_biases(model):
+            assert max(a.grad.norm(), b.grad.norm()) <= 1e-5 * scale, name
+        else:
+            assert relative_error(b.grad, a.grad) <= 1e-5, name
+
+
+def _as_dtype(batch: TaskBatch, dtype: torch.dtype) -> TaskBatch:
+    return TaskBatch(*(t.to(dtype) if t.is_floating_point() else t for t in batch.tensors()))
 
 
 def _restart_from(eager: MetaStep, graphed: MetaStep) -> None:
@@ -59,18 +72,6 @@ def _restart_from(eager: MetaStep, graphed: MetaStep) -> None:
             state, source = eager.optimizer.state[mine], graphed.optimizer.state[theirs]
             for key, value in source.items():  # "step" is on the host unless capturable
                 state[key].copy_(value)
-
-
-def _bias_before_batch_norm(model: torch.nn.Sequential, name: str) -> bool:
-    """Batch norm cancels a convolution's bias: its meta-gradient is rounding noise (and Adam
-    turns the noise's sign into a step of up to the learning rate either way)."""
-    index, _, kind = name.partition(".")
-    return kind == "bias" and isinstance(model[int(index)], torch.nn.Conv2d)
-
-
-def _assert_close_in_norm(actual: torch.Tensor, expected: torch.Tensor, rel: float, what: str):
-    error = float((actual - expected).norm() / expected.norm())
-    assert error <= rel, f"{what}: relative error {error:.2e} > {rel:.0e}"
 
 
 @pytest.mark.parametrize(
@@ -108,10 +109,10 @@ def test_cuda_graph_replays_the_eager_step(exact_float32, inner_steps, precision
     eager, graphed = steps
     # bf16: one of the 40 query predictions may flip (accuracy 0.025)
     stats_tolerance = {"rel": 1e-2, "abs": 0.026} if bf16 else {"rel": 1e-9, "abs": 1e-12}
-    rel = 5e-2 if bf16 else 1e-7
+    # bf16: loose, yet a graph without autocast is ~0.6 away (cosine 0.81, docs/benchmarks.md)
+    rel = 0.2 if bf16 else 1e-7
     for iteration in range(10):
-        batch = sampler.sample(8)
-        batch = TaskBatch(*(t.to(dtype) if t.is_floating_point() else t for t in batch.tensors()))
+        batch = _as_dtype(sampler.sample(8), dtype)
         logged = iteration in (2, 6)  # before and after the capture
         if iteration:
             _restart_from(eager, graphed)
@@ -119,18 +120,17 @@ def test_cuda_graph_replays_the_eager_step(exact_float32, inner_steps, precision
         expected = read_stats([eager(batch, inner_steps, logged)])[0]
         actual = read_stats([graphed(batch, inner_steps, logged)])[0]
         assert actual == pytest.approx(expected, **stats_tolerance), iteration
-        named = zip(
-            model.named_parameters(), graphed.engine.model.parameters(), before, strict=True
-        )
-        for (name, a), b, start in named:
+        twins = graphed.engine.model.parameters()
+        for (name, a), b, start in zip(model.named_parameters(), twins, before, strict=True):
             state, captured_state = eager.optimizer.state[a], graphed.optimizer.state[b]
             assert float(captured_state["step"]) == float(state["step"]) == iteration + 1
-            if _bias_before_batch_norm(model, name):
+            if name in cancelled_biases(model):
                 continue
-            where = f"iteration {iteration}, {name}"
-            for key in ("exp_avg", "exp_avg_sq"):
-                _assert_close_in_norm(captured_state[key], state[key], rel, f"{where} {key}")
-            _assert_close_in_norm(b - start, a - start, rel, f"{where} update")
+            pairs = {key: (captured_state[key], state[key]) for key in ("exp_avg", "exp_avg_sq")}
+            pairs["update"] = (b - start, a - start)
+            for key, (captured_value, value) in pairs.items():
+                error = relative_error(captured_value, value)
+                assert error <= rel, f"iteration {iteration}, {name} {key}: {error:.2e}"
     assert graphed._graph is not None
 
 
