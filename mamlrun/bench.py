@@ -318,7 +318,6 @@ def run_bench(args: list[str]) -> None:
     )
     # auto: as training runs by default on this device (conf/hardware/cpu.yaml, cuda.yaml)
     shipped = hardware_defaults(device.type)
-
     on_cuda = device.type == "cuda"
 
     def flag(key: str, shipped_value: bool) -> bool:
@@ -331,7 +330,7 @@ def run_bench(args: list[str]) -> None:
     )
     tf32 = default.precision == "tf32"
     for key, cuda_only in (("cuda_graphs", default.cuda_graph), ("precision", tf32)):
-        if cuda_only and device.type != "cuda":
+        if cuda_only and not on_cuda:
             raise UserError(f"{key}={options[key]}: for CUDA devices only (add device=cuda)")
     variants = {"mamlrun vmap": default}
     if options["ablation"] == "true":
@@ -358,23 +357,23 @@ def run_bench(args: list[str]) -> None:
         memory: dict[str, float] = {}
 
         def use_precision(contender: str) -> None:  # a process-wide switch, set per contender
-            if device.type == "cuda":
+            if on_cuda:
                 builders.set_cuda_precision(variants.get(contender, default).precision)
 
         # warm-up: allocator, caches, lazy initialisation, compiling, CUDA graph capture
-        for _ in range(WARMUP_STEPS + 2 if device.type == "cuda" else 1):
+        for _ in range(WARMUP_STEPS + 2 if on_cuda else 1):
             for contender, step in steps.items():
                 use_precision(contender)
                 step()
         for repeat in range(int(options["repeats"])):
             for contender, step in steps.items():
                 use_precision(contender)
-                if device.type == "cuda":
+                if on_cuda:
                     torch.cuda.synchronize()
                     torch.cuda.reset_peak_memory_stats(device)
                 rate, _ = _timed(step, float(options["seconds"]), device)
                 rates[contender].append(rate)
-                if device.type == "cuda":
+                if on_cuda:
                     peak = torch.cuda.max_memory_allocated(device) / 2**20
                     memory[contender] = max(memory.get(contender, 0.0), peak)
             console.info(

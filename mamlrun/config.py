@@ -461,24 +461,26 @@ def _check_cuda_options(hardware: Hardware, algorithm: Algorithm | None) -> None
     )
     if hardware.cuda_graphs is True and algorithm is not None:
         _check(
-            algorithm.engine == "vmap" and algorithm.name != "pretrain",
+            _step_can_be_captured(algorithm),
             "hardware.cuda_graphs",
             "only the vmap engine's MAML step can be captured; use algorithm.engine=vmap or "
             "hardware.cuda_graphs=false",
         )
 
 
+def _step_can_be_captured(algorithm: Algorithm) -> bool:
+    """The vmap engine's MAML or FOMAML step; not the learn2learn engine, which reads values on
+    the host for every task, nor pretraining."""
+    return algorithm.engine == "vmap" and algorithm.name != "pretrain"
+
+
 def captures_cuda_graph(hardware: Hardware, algorithm: Algorithm) -> bool:
     """Whether training replays its step as a CUDA graph: `hardware.cuda_graphs=true` (validated
-    to be possible), or `auto` where it is possible (a CUDA device, the vmap engine's MAML or
-    FOMAML step; not the learn2learn engine, which reads values on the host for every task)."""
+    to be possible), or `auto` where it is possible (a CUDA device and a step that can be
+    captured)."""
     if hardware.cuda_graphs != "auto":
         return bool(hardware.cuda_graphs)
-    return (
-        hardware.device.startswith("cuda")
-        and algorithm.engine == "vmap"
-        and algorithm.name != "pretrain"
-    )
+    return hardware.device.startswith("cuda") and _step_can_be_captured(algorithm)
 
 
 def _check_image_dataset(dataset: ImageDataset) -> None:
