@@ -75,6 +75,16 @@ CPU_TASKS_PER_SECOND: dict[str, float] = {
     "miniimagenet_fo_5w1s": 3.7,
     "miniimagenet_fo_5w5s": 1.9,
 }
+# The same on one NVIDIA H200 (torch 2.11, float32, CUDA graphs: `hardware=cuda`'s defaults),
+# from `mamlrun bench device=cuda` (docs/benchmarks.md, 2026-11-28; validation not included: a
+# timed Omniglot 5w1s training run with validation went at 98 % of its bench rate). Only the
+# presets the bench measures; the others' estimates show "?".
+CUDA_TASKS_PER_SECOND: dict[str, float] = {
+    "sinusoid_maml": 80000,
+    "omniglot_5w1s": 6800,
+    "omniglot_20w1s": 500,
+    "miniimagenet_5w1s": 150,
+}
 
 REUSE, RESUME, RUN = "reuse", "resume", "run"
 
@@ -187,13 +197,21 @@ def _duration(seconds: float) -> str:
     return f"{seconds:.0f} s" if seconds >= 1 else "< 1 s"
 
 
-def plan_table(cells: list[Cell]) -> tuple[list[str], list[list[str]], int, float | None]:
+def _throughput(cells: list[Cell]) -> tuple[str, dict[str, float]]:
+    """The machine the estimates are for (the cells' device type) and its tasks per second."""
+    if any(cell.typed["hardware"].device.startswith("cuda") for cell in cells):
+        return "H200", CUDA_TASKS_PER_SECOND
+    return "CPU", CPU_TASKS_PER_SECOND
+
+
+def plan_table(cells: list[Cell]) -> tuple[list[str], list[list[str]], int, float, int]:
     """Per cell: the paper's settings as composed, iterations after budget, estimated cost.
 
     Returns:
-        columns, rows, the tasks left to train, and their estimated CPU seconds (None when a
-        cell has no throughput constant).
+        columns, rows, the tasks left to train, the estimated seconds on the cells' device of
+        the cells with a throughput constant for it, and how many cells to train have none.
     """
+    machine, rates = _throughput(cells)
     columns = [
         "cell",
         "action",
@@ -204,9 +222,9 @@ def plan_table(cells: list[Cell]) -> tuple[list[str], list[list[str]], int, floa
         "meta-batch",
         "iterations",
         "tasks to train",
-        "est. CPU time",
+        f"est. {machine} time",
     ]
-    rows, total_tasks, seconds = [], 0, 0.0
+    rows, total_tasks, seconds, unmeasured = [], 0, 0.0, 0
     for cell in cells:
         dataset, algorithm = cell.typed["dataset"], cell.typed["algorithm"]
         iterations = cell.typed["train"].iterations
@@ -217,9 +235,12 @@ def plan_table(cells: list[Cell]) -> tuple[list[str], list[list[str]], int, floa
             ways, shots = str(dataset.ways), str(dataset.shots)
         remaining = 0 if cell.action == REUSE else iterations - cell.done
         tasks = remaining * algorithm.meta_batch_size
-        rate = CPU_TASKS_PER_SECOND.get(cell.name)
+        rate = rates.get(cell.name)
         total_tasks += tasks
-        seconds = None if rate is None or seconds is None else seconds + tasks / rate
+        if rate:
+            seconds += tasks / rate
+        elif tasks:
+            unmeasured += 1
         iterations_text = f"{iterations:,}"
         if budget != 1:
             iterations_text += f" (budget {budget:g} of {cell.configured_iterations:,})"
@@ -237,7 +258,7 @@ def plan_table(cells: list[Cell]) -> tuple[list[str], list[list[str]], int, floa
                 _duration(tasks / rate) if rate else "?",
             ]
         )
-    return columns, rows, total_tasks, seconds
+    return columns, rows, total_tasks, seconds, unmeasured
 
 
 def _move_aside(cell: Cell, stamp: str) -> None:
@@ -313,14 +334,18 @@ def _result(cell: Cell) -> report.Run:
 def reproduce(table: str, overrides: list[str], dry_run: bool, root: Path = ROOT) -> int:
     """Plan, run and compare one table; returns the exit status (1 if a cell did not finish)."""
     cells = plan(table, overrides, root)
-    columns, rows, tasks, seconds = plan_table(cells)
+    columns, rows, tasks, seconds, unmeasured = plan_table(cells)
     console.print_table(f"reproduce {table}: {len(cells)} cells → {root / table}", columns, rows)
-    estimate = "?" if seconds is None else _duration(seconds)
-    console.info(
-        f"cost: {tasks:,} training tasks, about {estimate} on a CPU (training only; throughput "
-        "constants measured on both cores of a 2-core Intel Xeon, see mamlrun/reproduce.py; a "
-        "GPU is much faster for the conv presets)"
-    )
+    if _throughput(cells)[0] == "H200":
+        where = "on an H200 GPU (training only; measured by mamlrun bench, see mamlrun/reproduce.py"
+    else:
+        where = (
+            "on a CPU (training only; throughput constants measured on both cores of a 2-core "
+            "Intel Xeon, see mamlrun/reproduce.py; a GPU is much faster for the conv presets"
+        )
+    if unmeasured:
+        where += f"; not counting the {unmeasured} cell(s) marked ?, unmeasured there"
+    console.info(f"cost: {tasks:,} training tasks, about {_duration(seconds)} {where})")
     if dry_run:
         return 0
     table_dir = root / table

@@ -25,6 +25,7 @@ from mamlrun.config import (
 from mamlrun.engine import Learn2LearnEngine
 from mamlrun.models import mlp
 from mamlrun.pretrain import PretrainEngine
+from mamlrun.reproduce import CUDA_TASKS_PER_SECOND, _duration
 from mamlrun.tasks import TaskBatch
 from mamlrun.vmap_engine import VmapEngine
 
@@ -141,6 +142,19 @@ def test_reproduce_all_dry_run_plans_every_cell_of_the_paper(tmp_path):
     for cell in cells:
         assert cell in out, cell
     assert not (tmp_path / "outputs").exists()
+
+
+def test_reproduce_dry_run_on_cuda_estimates_from_the_gpu_bench(tmp_path):
+    """Cells that train on CUDA are costed with the GPU throughputs; unmeasured cells say "?"."""
+    args = ("reproduce", "omniglot", "--dry-run", "hardware=cuda", "budget=0.1")
+    out = run_mamlrun(*args, cwd=tmp_path).stdout
+    assert "est. H200 time" in out and "on an H200 GPU" in out
+    rows = {line.split()[1]: line for line in out.splitlines() if "omniglot_" in line}
+    tasks = 6_000 * 32  # budget 0.1 of 60,000 iterations, meta-batch 32
+    expected = _duration(tasks / CUDA_TASKS_PER_SECOND["omniglot_5w1s"])
+    assert rows["omniglot_5w1s"].split("│")[-2].strip() == expected
+    assert rows["omniglot_5w5s"].split("│")[-2].strip() == "?"  # not benchmarked on a GPU
+    assert "not counting the 4 cell(s) marked ?" in " ".join(out.split())  # 5w5s, 20w5s, MLPs
 
 
 def test_reproduce_sinusoid_writes_the_comparison_and_reuses_finished_cells(tmp_path):
