@@ -238,6 +238,35 @@ def configs_installed() -> bool:
     return importlib.util.find_spec("mamlrun.conf") is not None
 
 
+def compose_config(overrides: list[str], config_name: str = "train") -> DictConfig:
+    """The `train` (or `eval`) config with `overrides`, composed as `mamlrun train` composes it,
+    outside a Hydra app (`mamlrun data`, `mamlrun reproduce`, tests).
+
+    Raises:
+        UserError: Hydra's or OmegaConf's complaint (an unknown key, group option or value, an
+            override that does not parse), in one line.
+    """
+    from hydra import compose, initialize_config_dir, initialize_config_module
+    from hydra.errors import HydraException
+
+    if configs_installed():
+        context = initialize_config_module("mamlrun.conf", version_base="1.3")
+    else:
+        context = initialize_config_dir(str(SOURCE_CONF_DIR), version_base="1.3")
+    try:
+        with context:
+            return compose(config_name, overrides)
+    except (HydraException, OmegaConfBaseException) as err:
+        text = str(err).strip()
+        hint = ""
+        if "Available options" in text:  # an unknown group option: Hydra lists the group's
+            listing = text.split("Available options", 1)[1].split("Config search path")[0]
+            hint = f" (choose from {', '.join(listing.split()[2:])})"  # after "in 'group':"
+        elif text.startswith("Could not override"):
+            hint = " (no such key; `mamlrun train --cfg job` prints the config)"
+        raise UserError(text.splitlines()[0].rstrip(".") + hint) from None
+
+
 def hardware_defaults(device_type: str) -> Hardware:
     """The shipped `hardware=<device_type>` group (conf/hardware/cpu.yaml, cuda.yaml): how
     training runs by default on that device type; the schema's defaults for other types."""

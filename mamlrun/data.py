@@ -9,26 +9,24 @@ from __future__ import annotations
 
 import time
 
-from hydra import compose, initialize_config_module
-from hydra.core.global_hydra import GlobalHydra
-
 from mamlrun import builders, console
-from mamlrun.config import SinusoidDataset, validate
+from mamlrun.config import SinusoidDataset, compose_config, validate
 from mamlrun.errors import UserError
 
 ACTIONS = ("prepare", "verify")
 
 
+USAGE = f"usage: mamlrun data {{{','.join(ACTIONS)}}} dataset=<name> [key=value ...]"
+
+
 def run_data(args: list[str]) -> None:
+    if any(arg in ("-h", "--help") for arg in args):
+        print(f"{USAGE}\n\n{__doc__.strip()}")
+        return
     if not args or args[0] not in ACTIONS:
-        raise UserError(
-            f"usage: mamlrun data {{{','.join(ACTIONS)}}} dataset=<name> [key=value ...]"
-        )
+        raise UserError(USAGE)
     action, overrides = args[0], args[1:]
-    GlobalHydra.instance().clear()
-    with initialize_config_module(config_module="mamlrun.conf", version_base="1.3"):
-        cfg = compose("train", overrides=overrides)
-    dataset = validate(cfg)["dataset"]
+    dataset = validate(compose_config(overrides))["dataset"]
     if isinstance(dataset, SinusoidDataset):
         console.info("sinusoid tasks are generated on the fly: nothing to prepare")
         return

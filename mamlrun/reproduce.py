@@ -31,7 +31,7 @@ from typing import Any
 import yaml
 
 from mamlrun import console, report
-from mamlrun.config import SinusoidDataset, to_container, validate
+from mamlrun.config import SinusoidDataset, compose_config, to_container, validate
 from mamlrun.errors import UserError
 
 PRESETS = "finn2017"
@@ -143,23 +143,11 @@ def _parse_overrides(overrides: list[str], given: bool = True) -> dict[str, Any]
 def _compose(name: str, overrides: list[str]) -> tuple[dict[str, Any], int, dict[str, Any]]:
     """The cell's typed config (iterations after `budget`), its configured iterations, and the
     config as plain data (what its run will record)."""
-    from hydra import compose, initialize_config_dir, initialize_config_module
-    from hydra.errors import HydraException
-    from omegaconf.errors import OmegaConfBaseException
-
-    from mamlrun.cli import _config_path
-
-    source = _config_path()
-    if source.startswith("pkg://"):
-        context = initialize_config_module(source.removeprefix("pkg://"), version_base="1.3")
-    else:
-        context = initialize_config_dir(source, version_base="1.3")
     task_overrides = [o for o in overrides if not o.lstrip("+~").startswith("hydra")]
     try:
-        with context:
-            cfg = compose("train", [f"experiment={PRESETS}/{name}", *task_overrides])
-    except (HydraException, OmegaConfBaseException) as err:
-        raise UserError(f"{name}: {str(err).splitlines()[0]}") from None
+        cfg = compose_config([f"experiment={PRESETS}/{name}", *task_overrides])
+    except UserError as err:
+        raise UserError(f"{name}: {err}") from None
     return validate(cfg), int(cfg.train.iterations), to_container(cfg)
 
 

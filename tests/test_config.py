@@ -4,10 +4,9 @@ import itertools
 from importlib import resources
 
 import pytest
-from hydra import compose, initialize_config_module
-from hydra.core.global_hydra import GlobalHydra
 
-from mamlrun.config import ConfigError, captures_cuda_graph, validate
+from mamlrun.config import ConfigError, captures_cuda_graph, compose_config, validate
+from mamlrun.errors import UserError
 
 GROUPS = ("dataset", "model", "algorithm", "hardware", "logger")
 
@@ -17,12 +16,6 @@ def options(group: str) -> list[str]:
     return sorted(
         p.name.removesuffix(".yaml") for p in folder.iterdir() if p.name.endswith(".yaml")
     )
-
-
-def compose_train(overrides: list[str], primary: str = "train"):
-    GlobalHydra.instance().clear()
-    with initialize_config_module(config_module="mamlrun.conf", version_base="1.3"):
-        return compose(primary, overrides=overrides)
 
 
 COMBINATIONS = list(itertools.product(*(options(g) for g in GROUPS)))
@@ -37,7 +30,7 @@ def test_every_group_has_options():
 
 @pytest.mark.parametrize("choice", COMBINATIONS, ids=lambda c: "-".join(c))
 def test_every_combination_composes_and_validates(choice):
-    cfg = compose_train([f"{g}={o}" for g, o in zip(GROUPS, choice, strict=True)])
+    cfg = compose_config([f"{g}={o}" for g, o in zip(GROUPS, choice, strict=True)])
     dataset, model = choice[0], choice[1]
     if dataset == "sinusoid" and model.startswith("conv4"):
         with pytest.raises(ConfigError, match="^model: .* needs an image dataset"):
@@ -50,7 +43,7 @@ def test_every_combination_composes_and_validates(choice):
 
 
 def test_default_is_the_papers_sinusoid_setting():
-    typed = validate(compose_train([]))
+    typed = validate(compose_config([]))
     assert typed["dataset"].name == "sinusoid" and typed["dataset"].shots == 10
     assert typed["model"].hidden == [40, 40] and typed["model"].activation == "relu"
     algorithm = typed["algorithm"]
@@ -104,7 +97,7 @@ def test_default_is_the_papers_sinusoid_setting():
 )
 def test_bad_values_fail_with_one_line_naming_the_key(override, key):
     with pytest.raises(ConfigError) as error:
-        validate(compose_train(override.split()))
+        validate(compose_config(override.split()))
     message = str(error.value)
     assert message.startswith(key) and "\n" not in message
 
@@ -122,7 +115,7 @@ def test_bad_values_fail_with_one_line_naming_the_key(override, key):
     ],
 )
 def test_cuda_graphs_auto_captures_where_the_step_can_be_captured(overrides, captured):
-    typed = validate(compose_train(overrides.split()))
+    typed = validate(compose_config(overrides.split()))
     assert captures_cuda_graph(typed["hardware"], typed["algorithm"]) is captured
 
 
@@ -134,7 +127,7 @@ def test_cuda_graphs_auto_captures_where_the_step_can_be_captured(overrides, cap
     ],
 )
 def test_vision_datasets_bring_the_papers_settings(dataset, expected):
-    typed = validate(compose_train([f"dataset={dataset}"]))
+    typed = validate(compose_config([f"dataset={dataset}"]))
     algorithm = typed["algorithm"]
     assert (typed["model"].name, typed["model"].filters) == expected["model"]
     assert (
@@ -145,16 +138,16 @@ def test_vision_datasets_bring_the_papers_settings(dataset, expected):
     assert typed["train"].iterations == 60000
     # The command line still wins over the dataset's defaults.
     typed = validate(
-        compose_train([f"dataset={dataset}", "algorithm.inner_lr=0.2", "model=mlp_omniglot"])
+        compose_config([f"dataset={dataset}", "algorithm.inner_lr=0.2", "model=mlp_omniglot"])
     )
     assert typed["algorithm"].inner_lr == 0.2 and typed["model"].batch_norm
 
 
 def test_dataset_root_defaults_to_mamlrun_data(monkeypatch):
     monkeypatch.setenv("MAMLRUN_DATA", "/data/here")
-    assert validate(compose_train(["dataset=omniglot"]))["dataset"].root == "/data/here"
+    assert validate(compose_config(["dataset=omniglot"]))["dataset"].root == "/data/here"
     monkeypatch.delenv("MAMLRUN_DATA")
-    assert validate(compose_train(["dataset=omniglot"]))["dataset"].root.startswith(
+    assert validate(compose_config(["dataset=omniglot"]))["dataset"].root.startswith(
         "~/.cache/mamlrun"
     )
 
@@ -168,7 +161,7 @@ PRESETS = sorted(
 
 @pytest.mark.parametrize("preset", PRESETS)
 def test_every_paper_preset_composes_and_validates(preset):
-    typed = validate(compose_train([f"experiment={preset}"]))
+    typed = validate(compose_config([f"experiment={preset}"]))
     paper = typed["paper"]
     assert paper.table and paper.cell and paper.value is not None
     dataset, algorithm = typed["dataset"], typed["algorithm"]
@@ -189,4 +182,22 @@ def test_every_paper_preset_composes_and_validates(preset):
 
 def test_eval_requires_a_checkpoint():
     with pytest.raises(ConfigError, match="^checkpoint: required"):
-        validate(compose_train([], primary="eval"), primary="eval")
+        validate(compose_config([], "eval"), primary="eval")
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (
+            ["dataset=imagenet"],
+            "Could not find 'dataset/imagenet' (choose from miniimagenet, omniglot, sinusoid)",
+        ),
+        (["algorithm.inner_rate=0.1"], "Could not override 'algorithm.inner_rate' (no such key;"),
+        (["--help"], "--help"),
+    ],
+)
+def test_composition_errors_are_one_line_user_errors(overrides, message):
+    """What Hydra refuses while composing (outside `mamlrun train`, which Hydra runs itself)."""
+    with pytest.raises(UserError) as error:
+        compose_config(overrides)
+    assert message in str(error.value) and "\n" not in str(error.value)

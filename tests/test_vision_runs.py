@@ -40,6 +40,18 @@ def test_data_verify_names_the_missing_file(tmp_path):
     assert "Traceback" not in result.stderr
 
 
+def test_data_refuses_what_hydra_cannot_compose_in_one_line(tmp_path):
+    for overrides, message in (
+        (("dataset=imagenet",), "choose from miniimagenet, omniglot, sinusoid"),
+        (("dataset=omniglot", "dataset.wayz=5"), "Could not override 'dataset.wayz'"),
+    ):
+        result = run_mamlrun("data", "verify", *overrides, cwd=tmp_path, expect_ok=False)
+        assert result.returncode == 2 and message in result.stderr, result.stderr
+        assert len(result.stderr.strip().splitlines()) == 1
+    usage = run_mamlrun("data", "prepare", "--help", cwd=tmp_path).stdout
+    assert usage.startswith("usage: mamlrun data {prepare,verify}") and "download" in usage
+
+
 @needs_omniglot
 def test_omniglot_5way_1shot_learns_well_above_chance(tmp_path):
     """First-order MAML, meta-batch 8, 300 iterations on CPU: validation accuracy far above 20%."""
