@@ -29,11 +29,14 @@ import contextlib
 import io
 import os
 import platform
+import re
 import statistics
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
+from functools import partial
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 import torch
@@ -52,6 +55,8 @@ with contextlib.redirect_stderr(io.StringIO()):
     import learn2learn as l2l
 from learn2learn.data.transforms import ConsecutiveLabels, KShots, LoadData, NWays, RemapLabels
 from learn2learn.vision.transforms import RandomClassRotation
+
+T = TypeVar("T")
 
 _DOC_HEADER = """# Benchmarks
 
@@ -109,8 +114,14 @@ def ablation_rows(default: VmapOptions, device: torch.device) -> dict[str, VmapO
     return rows
 
 
-def _images(setting: Setting, omniglot_root: Path | None) -> tuple[torch.Tensor, str]:
-    """uint8 images [classes, per class, C, H, W] for the setting, and where they came from."""
+def _images(
+    setting: Setting, omniglot_root: Path | None, required: bool
+) -> tuple[torch.Tensor, str]:
+    """uint8 images [classes, per class, C, H, W] for the setting, and where they came from.
+
+    Omniglot's are the real ones where `omniglot_root` holds them. Where it does not, a root the
+    user named (`required`) is an error: a typo must not benchmark random images unnoticed; the
+    default root ($MAMLRUN_DATA) falls back to random images of the same shape, and says so."""
     generator = torch.Generator().manual_seed(0)
     if setting.name.startswith("omniglot"):
         if omniglot_root is not None:
@@ -120,8 +131,14 @@ def _images(setting: Setting, omniglot_root: Path | None) -> tuple[torch.Tensor,
                 data = load_omniglot(omniglot_root)
                 train = omniglot_splits(len(data.images))["train"]
                 return data.images[train].unsqueeze(2), "real Omniglot (1100 training characters)"
-            except UserError:
-                pass
+            except UserError as err:
+                if required:
+                    problem = str(err).split(";")[0]  # its advice is for dataset.root
+                    raise UserError(
+                        f"omniglot_root={omniglot_root}: {problem}; name a folder with Omniglot's "
+                        "two archives (mamlrun data prepare dataset=omniglot downloads them)"
+                    ) from None
+                console.info(f"no Omniglot under {omniglot_root} ({err}): random images instead")
         shape = (1100, 20, 1, 28, 28)
         source = "random 28x28 images (1100 classes x 20)"
     else:
@@ -261,6 +278,25 @@ def _timed(step: Callable[[], None], seconds: float, device: torch.device) -> tu
     return done / (time.perf_counter() - started), done
 
 
+def _tracking_peak_memory(
+    run: Callable[[], T], device, memory: dict[str, float], contender: str
+) -> T:
+    """`run()`, keeping in `memory[contender]` the largest peak of allocated GPU MiB seen so far.
+
+    Counted over the warm-up too, which captures the CUDA graph: a captured step's activations
+    are allocated (from the graph's private pool) while it is captured, and replays reuse that
+    pool without allocating, so the timed replays alone would count only the live tensors."""
+    if device.type != "cuda":
+        return run()
+    torch.cuda.synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    result = run()
+    torch.cuda.synchronize(device)
+    peak = torch.cuda.max_memory_allocated(device) / 2**20
+    memory[contender] = max(memory.get(contender, 0.0), peak)
+    return result
+
+
 def hardware_description(device: torch.device) -> str:
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
@@ -275,6 +311,17 @@ def hardware_description(device: torch.device) -> str:
         f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__}, "
         f"{torch.get_num_threads()} thread(s)"
     )
+
+
+def _check_number(key: str, value: str, kind: type, minimum: float) -> None:
+    """A numeric option, refused in one line (naming it) where it does not parse or is too small."""
+    try:
+        ok = kind(value) >= minimum
+    except ValueError:
+        ok = False
+    if not ok:
+        what = "a whole number" if kind is int else "a number"
+        raise UserError(f"{key}={value}: expected {what} >= {minimum}")
 
 
 def run_bench(args: list[str]) -> None:
@@ -292,11 +339,24 @@ def run_bench(args: list[str]) -> None:
         "cuda_graphs": "auto",
         "precision": "auto",
     }
+    if any(arg in ("-h", "--help") for arg in args):
+        keys = "\n".join(f"  {key:<14} {value or '-'}" for key, value in options.items())
+        print(f"usage: mamlrun bench [key=value ...]\n\nkeys and defaults:\n{keys}\n\n{__doc__}")
+        return
     for arg in args:
         key, sep, value = arg.partition("=")
         if not sep or key not in options:
             raise UserError(f"{arg}: expected key=value with key in {', '.join(options)}")
         options[key] = value
+    for key, kind, minimum in (("repeats", int, 1), ("seconds", float, 0), ("threads", int, 0)):
+        _check_number(key, options[key], kind, minimum)
+    if not re.fullmatch(r"cpu|cuda(:\d+)?", options["device"]):
+        raise UserError(f"device={options['device']}: expected cpu, cuda or cuda:N")
+    if options["device"].startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(
+            f"device={options['device']}: CUDA is not available on this machine (use device=cpu, "
+            "or install a CUDA build of torch)"
+        )
     if options["ablation"] not in ("true", "false"):
         raise UserError(f"ablation={options['ablation']}: expected true or false")
     for key in ("compile", "cuda_graphs"):
@@ -345,7 +405,9 @@ def run_bench(args: list[str]) -> None:
         images, source = (
             (None, "sampled on the fly")
             if setting.ways == 0
-            else _images(setting, Path(root).expanduser() if root else None)
+            else _images(
+                setting, Path(root).expanduser() if root else None, bool(options["omniglot_root"])
+            )
         )
         steps = {
             "learn2learn example": _plain_learn2learn(setting, images, device),
@@ -364,18 +426,13 @@ def run_bench(args: list[str]) -> None:
         for _ in range(WARMUP_STEPS + 2 if on_cuda else 1):
             for contender, step in steps.items():
                 use_precision(contender)
-                step()
+                _tracking_peak_memory(step, device, memory, contender)
         for repeat in range(int(options["repeats"])):
             for contender, step in steps.items():
                 use_precision(contender)
-                if on_cuda:
-                    torch.cuda.synchronize()
-                    torch.cuda.reset_peak_memory_stats(device)
-                rate, _ = _timed(step, float(options["seconds"]), device)
+                timed = partial(_timed, step, float(options["seconds"]), device)
+                rate, _ = _tracking_peak_memory(timed, device, memory, contender)
                 rates[contender].append(rate)
-                if on_cuda:
-                    peak = torch.cuda.max_memory_allocated(device) / 2**20
-                    memory[contender] = max(memory.get(contender, 0.0), peak)
             console.info(
                 f"{name}: repeat {repeat + 1}/{options['repeats']} "
                 + ", ".join(f"{c} {rates[c][-1]:.2f} it/s" for c in contenders)

@@ -2,6 +2,7 @@
 machine. Speeds are not asserted here (they are the benchmark's output, not a test)."""
 
 import pytest
+import torch
 
 from conftest import run_mamlrun
 from mamlrun.bench import ABLATION_EAGER, ABLATION_VMAP, CONTENDERS
@@ -53,10 +54,28 @@ def test_bench_without_compiling_has_no_eager_ablation_row(tmp_path):
         ("cuda_graphs=true", "cuda_graphs=true: for CUDA devices only (add device=cuda)"),
         ("precision=tf32", "precision=tf32: for CUDA devices only (add device=cuda)"),
         ("precision=fp16", "precision=fp16: expected auto, fp32, tf32 or bf16"),
+        ("repeats=0", "repeats=0: expected a whole number >= 1"),
+        ("seconds=fast", "seconds=fast: expected a number >= 0"),
+        ("threads=two", "threads=two: expected a whole number >= 0"),
+        ("device=tpu", "device=tpu: expected cpu, cuda or cuda:N"),
+        pytest.param(
+            "device=cuda",
+            "device=cuda: CUDA is not available on this machine (use device=cpu",
+            marks=pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA"),
+        ),
+        # a root the user names must hold Omniglot: no silent benchmark of random images
+        ("omniglot_root=no/such/dir", "omniglot_root=no/such/dir: no/such/dir/images_backgr"),
     ],
 )
 def test_bench_rejects_bad_options_in_one_line(tmp_path, arg, message):
-    result = run_mamlrun("bench", arg, cwd=tmp_path, expect_ok=False)
+    result = run_mamlrun("bench", "settings=omniglot_5w1s", arg, cwd=tmp_path, expect_ok=False)
     assert result.returncode == 2
     assert message in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_bench_help_lists_its_keys_and_defaults(tmp_path):
+    out = run_mamlrun("bench", "--help", cwd=tmp_path).stdout
+    assert out.startswith("usage: mamlrun bench [key=value ...]")
+    for key, default in (("repeats", "5"), ("device", "cpu"), ("output", "docs/benchmarks.md")):
+        assert any(line.split() == [key, default] for line in out.splitlines()), key
