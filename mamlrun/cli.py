@@ -7,6 +7,7 @@ launchers). New subcommands are one entry in `COMMANDS`.
 
 from __future__ import annotations
 
+import os
 import sys
 import textwrap
 import warnings
@@ -68,10 +69,27 @@ def _hydra_command(config_name: str, task: Callable) -> Callable[[], None]:
 
     def entry() -> None:
         import hydra
+        from hydra.errors import CompactHydraException
 
-        hydra.main(config_path=_config_path(), config_name=config_name, version_base="1.3")(
-            task_function
-        )()
+        from mamlrun.config import composition_error_line
+
+        app = hydra.main(config_path=_config_path(), config_name=config_name, version_base="1.3")
+        # Hydra reports a bad override (unknown key or option, a value that does not parse) in
+        # several lines and exits 1; asked to raise it instead, it becomes our one line, exit 2
+        full_error = os.environ.get("HYDRA_FULL_ERROR")
+        os.environ["HYDRA_FULL_ERROR"] = "1"
+        try:
+            app(task_function)()
+        except CompactHydraException as err:
+            if full_error == "1":
+                raise
+            print(f"mamlrun {config_name}: error: {composition_error_line(err)}", file=sys.stderr)
+            raise SystemExit(2) from None
+        finally:
+            if full_error is None:
+                os.environ.pop("HYDRA_FULL_ERROR")
+            else:
+                os.environ["HYDRA_FULL_ERROR"] = full_error
         if failed_jobs:
             print(
                 f"mamlrun {config_name}: error: sweep job(s) {', '.join(failed_jobs)} failed "

@@ -257,14 +257,20 @@ def compose_config(overrides: list[str], config_name: str = "train") -> DictConf
         with context:
             return compose(config_name, overrides)
     except (HydraException, OmegaConfBaseException) as err:
-        text = str(err).strip()
-        hint = ""
-        if "Available options" in text:  # an unknown group option: Hydra lists the group's
-            listing = text.split("Available options", 1)[1].split("Config search path")[0]
-            hint = f" (choose from {', '.join(listing.split()[2:])})"  # after "in 'group':"
-        elif text.startswith("Could not override"):
-            hint = " (no such key; `mamlrun train --cfg job` prints the config)"
-        raise UserError(text.splitlines()[0].rstrip(".") + hint) from None
+        raise UserError(composition_error_line(err)) from None
+
+
+def composition_error_line(err: Exception) -> str:
+    """Hydra's or OmegaConf's multi-line complaint about overrides as one line that still names
+    the key: its first line, with the group's choices for an unknown option."""
+    text = str(err).strip()
+    hint = ""
+    if "Available options" in text:  # an unknown group option: Hydra lists the group's
+        listing = text.split("Available options", 1)[1].split("Config search path")[0]
+        hint = f" (choose from {', '.join(listing.split()[2:])})"  # after "in 'group':"
+    elif text.startswith("Could not override"):
+        hint = " (no such key; `mamlrun train --cfg job` or `mamlrun eval --cfg job` lists them)"
+    return text.splitlines()[0].rstrip(".") + hint
 
 
 def hardware_defaults(device_type: str) -> Hardware:
