@@ -570,6 +570,11 @@ def run_report(args: list[str]) -> list[Path]:
     print_tables(tables, "mamlrun report")
     if options.out is None:
         return []
-    written = write_tables(tables, runs, options.out, "mamlrun report")
+    try:
+        written = write_tables(tables, runs, options.out, "mamlrun report")
+    except OSError as err:  # the tables are printed above: nothing is lost
+        raise UserError(
+            f"--out {options.out}: cannot write there ({err.strerror}); name a writable directory"
+        ) from None
     console.info(f"wrote {', '.join(str(p) for p in written)}")
     return written

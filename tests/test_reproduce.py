@@ -232,3 +232,15 @@ def test_report_lists_failed_and_unfinished_runs(tmp_path):
     assert "±" in ok["test K=5 mse"] and ok["dataset"] == "–"  # `dataset` was swept
     assert "runs: 1 of 3 finished" in result.stdout
     assert (tmp_path / "report/results.md").is_file()
+    # an --out that cannot be written: the tables are still printed, then one line, exit 2
+    (tmp_path / "a-file").write_text("")
+    unwritable = run_mamlrun(
+        "report",
+        str(sweep),
+        "--out",
+        str(tmp_path / "a-file/report"),
+        cwd=tmp_path,
+        expect_ok=False,
+    )
+    assert unwritable.returncode == 2 and "runs: 1 of 3 finished" in unwritable.stdout
+    assert "a-file/report: cannot write there (Not a directory)" in unwritable.stderr
