@@ -360,6 +360,9 @@ def run_reproduce(args: list[str]) -> int:
     parser.add_argument("table", choices=[*TABLES, "all"])
     parser.add_argument("overrides", nargs="*", help="key=value for every cell (budget=0.01 ...)")
     parser.add_argument("--dry-run", action="store_true", help="print the plan and cost only")
+    if not {"-h", "--help"} & set(args) and all(arg.startswith("-") for arg in args):
+        # no table: argparse would also ask for the optional overrides
+        parser.error(f"name a table: {', '.join([*TABLES, 'all'])}")
     options = parser.parse_intermixed_args(args)
     tables = list(TABLES) if options.table == "all" else [options.table]
     status = 0

@@ -132,6 +132,9 @@ def test_reproduce_dry_run_lists_the_cells_and_their_cost(tmp_path):
     assert not (tmp_path / "outputs").exists(), "a dry run must not run anything"
     bad = run_mamlrun("reproduce", "sinusoid", "seed=1,2", cwd=tmp_path, expect_ok=False)
     assert bad.returncode == 2 and "runs each cell once" in bad.stderr
+    no_table = run_mamlrun("reproduce", "--dry-run", cwd=tmp_path, expect_ok=False)
+    assert no_table.returncode == 2
+    assert "name a table: omniglot, miniimagenet, sinusoid, all" in no_table.stderr
 
 
 def test_reproduce_all_dry_run_plans_every_cell_of_the_paper(tmp_path):
