@@ -21,7 +21,14 @@ import numpy as np
 import torch
 from torch import nn
 
-from mamlrun.config import Algorithm, Hardware, ImageDataset, SinusoidDataset, TargetModel
+from mamlrun.config import (
+    Algorithm,
+    Hardware,
+    ImageDataset,
+    SinusoidDataset,
+    TargetModel,
+    error_line,
+)
 from mamlrun.engine import Learn2LearnEngine
 from mamlrun.errors import UserError
 from mamlrun.models import build_model
@@ -194,7 +201,16 @@ def input_shape(dataset: Any) -> tuple[int, ...]:
 def model_for(model_cfg: Any, dataset: Any) -> nn.Module:
     """The configured model, with inputs and outputs sized for the dataset (outputs = ways)."""
     if isinstance(model_cfg, TargetModel):
-        return hydra.utils.instantiate(model_cfg.spec)
+        from hydra.errors import InstantiationException
+
+        try:
+            return hydra.utils.instantiate(model_cfg.spec)
+        except InstantiationException as err:  # the class or its arguments: the cause says which
+            cause = err.__cause__ or err
+            raise UserError(
+                f"model._target_: cannot build {model_cfg.name}: {type(cause).__name__}: "
+                f"{error_line(cause)}"
+            ) from None
     options = {k: v for k, v in vars(model_cfg).items() if k != "name"}
     outputs = 1 if isinstance(dataset, SinusoidDataset) else dataset.ways
     return build_model(model_cfg.name, input_shape(dataset), outputs, **options)

@@ -71,7 +71,7 @@ def _hydra_command(config_name: str, task: Callable) -> Callable[[], None]:
         import hydra
         from hydra.errors import CompactHydraException
 
-        from mamlrun.config import composition_error_line
+        from mamlrun.config import error_line
 
         app = hydra.main(config_path=_config_path(), config_name=config_name, version_base="1.3")
         # Hydra reports a bad override (unknown key or option, a value that does not parse) in
@@ -83,7 +83,16 @@ def _hydra_command(config_name: str, task: Callable) -> Callable[[], None]:
         except CompactHydraException as err:
             if full_error == "1":
                 raise
-            print(f"mamlrun {config_name}: error: {composition_error_line(err)}", file=sys.stderr)
+            print(f"mamlrun {config_name}: error: {error_line(err)}", file=sys.stderr)
+            raise SystemExit(2) from None
+        except OSError as err:  # a path it cannot use (hydra.run.dir, a full disk): no traceback
+            if err.filename is None or full_error == "1":
+                raise
+            print(
+                f"mamlrun {config_name}: error: {err.filename}: {err.strerror} (check the path, "
+                "its permissions and free space; finished checkpoints and results are kept)",
+                file=sys.stderr,
+            )
             raise SystemExit(2) from None
         finally:
             if full_error is None:

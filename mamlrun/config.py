@@ -257,12 +257,13 @@ def compose_config(overrides: list[str], config_name: str = "train") -> DictConf
         with context:
             return compose(config_name, overrides)
     except (HydraException, OmegaConfBaseException) as err:
-        raise UserError(composition_error_line(err)) from None
+        raise UserError(error_line(err)) from None
 
 
-def composition_error_line(err: Exception) -> str:
-    """Hydra's or OmegaConf's multi-line complaint about overrides as one line that still names
-    the key: its first line, with the group's choices for an unknown option."""
+def error_line(err: Exception) -> str:
+    """An exception's multi-line message as one line that still says what is wrong: its first
+    line (with the next where the first ends in ":"), and for Hydra's complaint about an unknown
+    group option the group's choices."""
     text = str(err).strip()
     hint = ""
     if "Available options" in text:  # an unknown group option: Hydra lists the group's
@@ -270,7 +271,11 @@ def composition_error_line(err: Exception) -> str:
         hint = f" (choose from {', '.join(listing.split()[2:])})"  # after "in 'group':"
     elif text.startswith("Could not override"):
         hint = " (no such key; `mamlrun train --cfg job` or `mamlrun eval --cfg job` lists them)"
-    return text.splitlines()[0].rstrip(".") + hint
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    first = lines[0]
+    if first.endswith(":") and len(lines) > 1:  # "Error in call to target 'x':" + the cause
+        first = f"{first} {lines[1]}"
+    return first.rstrip(".") + hint
 
 
 def hardware_defaults(device_type: str) -> Hardware:
@@ -380,7 +385,7 @@ def _check_values(typed: dict[str, Any]) -> None:
         )
         if algorithm.grad_clip is not None:
             _check(algorithm.grad_clip > 0, "algorithm.grad_clip", "must be > 0 or null")
-        _check_optimizer(algorithm.meta_optimizer)
+        _check_optimizer(algorithm.meta_optimizer, algorithm.meta_lr)
         _check(
             algorithm.engine in ENGINES,
             "algorithm.engine",
@@ -559,8 +564,9 @@ def _check_image_dataset(dataset: ImageDataset) -> None:
         )
 
 
-def _check_optimizer(spec: dict[str, Any]) -> None:
-    """Resolve the optimizer's `_target_` and bind its arguments without building it."""
+def _check_optimizer(spec: dict[str, Any], lr: float) -> None:
+    """Resolve the optimizer's `_target_`, bind its arguments, and build it for one throwaway
+    parameter: its constructor checks the values (`betas=x`, a negative `weight_decay`)."""
     target = spec.get("_target_")
     _check(
         isinstance(target, str), "algorithm.meta_optimizer._target_", "must name a torch optimizer"
@@ -576,6 +582,15 @@ def _check_optimizer(spec: dict[str, Any]) -> None:
         inspect.signature(optimizer_class).bind(params=[], lr=1.0, **kwargs)
     except TypeError as err:
         raise ConfigError(f"algorithm.meta_optimizer: {err}") from None
+    import torch
+
+    try:
+        optimizer_class([torch.zeros(1, requires_grad=True)], lr=lr, **kwargs)
+    except Exception as err:  # noqa: BLE001 - optimizers raise TypeError, ValueError, ...
+        raise ConfigError(
+            f"algorithm.meta_optimizer: {target} refused {kwargs or 'its defaults'} "
+            f"with lr={lr}: {err}"
+        ) from None
 
 
 def to_container(cfg: DictConfig | ListConfig) -> Any:

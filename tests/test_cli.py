@@ -37,6 +37,15 @@ def test_hydra_flags_work_after_the_subcommand(tmp_path):
         (["eval"], "checkpoint: required"),
         (["eval", "eval.taskz=5"], "Could not override 'eval.taskz'"),
         (["train", "resume=nowhere"], "nowhere: no such checkpoint"),
+        (
+            ["train", "+algorithm.meta_optimizer.betas=x"],
+            "algorithm.meta_optimizer: torch.optim.Adam refused {'betas': 'x'}",
+        ),
+        (
+            ["train", "+model._target_=torch.nn.Nope"],
+            "model._target_: cannot build torch.nn.Nope: ImportError",
+        ),
+        (["train", "hydra.run.dir=/proc/mamlrun-run"], "/proc/mamlrun-run: No such file"),
     ],
 )
 def test_bad_input_exits_nonzero_with_a_readable_message(tmp_path, args, needle):
