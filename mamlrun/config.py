@@ -500,27 +500,33 @@ def _check_cuda_options(hardware: Hardware, algorithm: Algorithm | None) -> None
         f"CUDA graphs need a CUDA device; set hardware.cuda_graphs=false on {hardware.device}",
     )
     if hardware.cuda_graphs is True and algorithm is not None:
-        _check(
-            _step_can_be_captured(algorithm),
-            "hardware.cuda_graphs",
-            "only the vmap engine's MAML step can be captured; use algorithm.engine=vmap or "
-            "hardware.cuda_graphs=false",
+        obstacle = _capture_obstacle(algorithm)
+        _check(obstacle is None, "hardware.cuda_graphs", f"{obstacle}; or set it to false")
+
+
+def _capture_obstacle(algorithm: Algorithm) -> str | None:
+    """Why the training step cannot be captured in a CUDA graph, or None where it can: the vmap
+    engine's MAML or FOMAML step (not the learn2learn engine, which reads values on the host for
+    every task, nor pretraining) with an optimizer whose step can run in a graph."""
+    if algorithm.engine != "vmap" or algorithm.name == "pretrain":
+        return "only the vmap engine's MAML step can be captured: use algorithm.engine=vmap"
+    from mamlrun.meta_step import can_be_captured
+
+    if not can_be_captured(_throwaway_optimizer(algorithm.meta_optimizer, algorithm.meta_lr)):
+        return (
+            f"{algorithm.meta_optimizer['_target_']} cannot be captured (it has no 'capturable' "
+            "option): use torch.optim.Adam, AdamW or SGD as algorithm.meta_optimizer"
         )
-
-
-def _step_can_be_captured(algorithm: Algorithm) -> bool:
-    """The vmap engine's MAML or FOMAML step; not the learn2learn engine, which reads values on
-    the host for every task, nor pretraining."""
-    return algorithm.engine == "vmap" and algorithm.name != "pretrain"
+    return None
 
 
 def captures_cuda_graph(hardware: Hardware, algorithm: Algorithm) -> bool:
     """Whether training replays its step as a CUDA graph: `hardware.cuda_graphs=true` (validated
-    to be possible), or `auto` where it is possible (a CUDA device and a step that can be
-    captured)."""
+    to be possible), or `auto` where it is possible (a CUDA device, and a step and optimizer
+    that can be captured); `auto` runs the others eagerly without complaint."""
     if hardware.cuda_graphs != "auto":
         return bool(hardware.cuda_graphs)
-    return hardware.device.startswith("cuda") and _step_can_be_captured(algorithm)
+    return hardware.device.startswith("cuda") and _capture_obstacle(algorithm) is None
 
 
 def _check_image_dataset(dataset: ImageDataset) -> None:
@@ -582,15 +588,24 @@ def _check_optimizer(spec: dict[str, Any], lr: float) -> None:
         inspect.signature(optimizer_class).bind(params=[], lr=1.0, **kwargs)
     except TypeError as err:
         raise ConfigError(f"algorithm.meta_optimizer: {err}") from None
-    import torch
-
     try:
-        optimizer_class([torch.zeros(1, requires_grad=True)], lr=lr, **kwargs)
+        _throwaway_optimizer(spec, lr)
     except Exception as err:  # noqa: BLE001 - optimizers raise TypeError, ValueError, ...
         raise ConfigError(
             f"algorithm.meta_optimizer: {target} refused {kwargs or 'its defaults'} "
             f"with lr={lr}: {err}"
         ) from None
+
+
+def _throwaway_optimizer(spec: dict[str, Any], lr: float) -> Any:
+    """The configured optimizer for one throwaway parameter: what its constructor accepts and
+    which options it has, known before any work."""
+    import torch
+
+    kwargs = {k: v for k, v in spec.items() if not k.startswith("_")}
+    return hydra.utils.get_class(spec["_target_"])(
+        [torch.zeros(1, requires_grad=True)], lr=lr, **kwargs
+    )
 
 
 def to_container(cfg: DictConfig | ListConfig) -> Any:

@@ -23,7 +23,7 @@ from mamlrun import builders, checkpoints, console, plots
 from mamlrun.config import ConfigError, captures_cuda_graph, to_container, validate
 from mamlrun.evaluate import evaluate_and_report
 from mamlrun.loggers import MetricsFile, NullTracker, Tracker, WandbTracker, prefixed, read_metrics
-from mamlrun.meta_step import MetaStep, can_be_captured, read_stats
+from mamlrun.meta_step import MetaStep, read_stats
 
 # Keys a resumed run takes from the command line; everything else comes from the checkpoint.
 RESUMABLE_SECTIONS = ("train", "eval", "hardware", "logger", "print_config", "resume", "task_name")
@@ -132,16 +132,12 @@ def run_train(cfg: DictConfig) -> float:
         checkpoints.set_rng_state(payload["rng"])
         start, best, window = payload["iteration"], payload["best"], payload["window"]
         console.info(f"resuming {run_dir} from iteration {start}")
-    # auto leaves an optimizer that cannot be captured eager; true refuses it (MetaStep)
-    graph = captures_cuda_graph(hardware, algorithm) and (
-        hardware.cuda_graphs is True or can_be_captured(optimizer)
-    )
     # after loading the optimizer's state: the step may switch on its `capturable` option
     meta_step = MetaStep(
         engine,
         optimizer,
         algorithm.grad_clip,
-        cuda_graph=graph,
+        cuda_graph=captures_cuda_graph(hardware, algorithm),
         bf16=hardware.precision == "bf16",
     )
     metrics = MetricsFile(run_dir, keep_until=start if payload else None)

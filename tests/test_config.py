@@ -93,6 +93,11 @@ def test_default_is_the_papers_sinusoid_setting():
             "hardware.cuda_graphs",
         ),
         ("hardware=cuda hardware.cuda_graphs=true algorithm=pretrain", "hardware.cuda_graphs"),
+        (  # refused before any work, not when the step is built
+            "hardware=cuda hardware.cuda_graphs=true "
+            "algorithm.meta_optimizer._target_=torch.optim.Adagrad",
+            "hardware.cuda_graphs: torch.optim.Adagrad cannot be captured",
+        ),
     ],
 )
 def test_bad_values_fail_with_one_line_naming_the_key(override, key):
@@ -109,6 +114,8 @@ def test_bad_values_fail_with_one_line_naming_the_key(override, key):
         ("hardware=cuda algorithm=fomaml", True),
         ("hardware=cuda algorithm.engine=learn2learn", False),  # auto stays eager, no error
         ("hardware=cuda algorithm=pretrain", False),
+        ("hardware=cuda algorithm.meta_optimizer._target_=torch.optim.Adagrad", False),
+        ("hardware=cuda algorithm.meta_optimizer._target_=torch.optim.SGD", True),
         ("hardware=cuda hardware.cuda_graphs=false", False),
         ("hardware=cpu", False),
         ("hardware=cpu hardware.cuda_graphs=auto", False),
