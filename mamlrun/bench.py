@@ -20,7 +20,9 @@ machine noise hits them alike, each timed over several repeats:
 All use the paper's settings (second-order MAML). Omniglot uses the real images when found, else
 random images of the right shape; miniImageNet uses random images (its images are not shipped).
 Results: median iterations/s and tasks/s with min-max spread, the ratio to the plain loop, and
-peak GPU memory; printed as a table and written to `docs/benchmarks.md`.
+peak GPU memory; printed as a table and written to `docs/benchmarks.md` after every repeat, so
+that a bench stopped by a time limit keeps what it measured (a setting cut short says how many
+repeats it has).
 """
 
 from __future__ import annotations
@@ -433,34 +435,46 @@ def run_bench(args: list[str]) -> None:
                 timed = partial(_timed, step, float(options["seconds"]), device)
                 rate, _ = _tracking_peak_memory(timed, device, memory, contender)
                 rates[contender].append(rate)
+            # after every repeat: a bench stopped by a time limit keeps what it measured
+            _write_section(results + _summary(setting, source, rates, memory), hardware, options)
             console.info(
                 f"{name}: repeat {repeat + 1}/{options['repeats']} "
                 + ", ".join(f"{c} {rates[c][-1]:.2f} it/s" for c in contenders)
             )
-        baseline = statistics.median(rates[CONTENDERS[0]])
-        for contender in contenders:
-            median = statistics.median(rates[contender])
-            results.append(
-                {
-                    "setting": name,
-                    "contender": contender,
-                    "data": source,
-                    "it_s": median,
-                    "min": min(rates[contender]),
-                    "max": max(rates[contender]),
-                    "tasks_s": median * setting.meta_batch_size,
-                    "ratio": median / baseline,
-                    "peak_mib": memory.get(contender),
-                }
-            )
+        results += _summary(setting, source, rates, memory)
         del steps
-        # after every setting: a bench stopped later (a time limit) keeps the finished ones
-        _write_section(results, hardware, options)
     console.print_table(
-        f"Meta-training throughput, second-order MAML ({hardware})", COLUMNS, _table_rows(results)
+        f"Meta-training throughput, second-order MAML ({hardware})",
+        COLUMNS,
+        _table_rows(results, int(options["repeats"])),
     )
     if options["output"]:
         console.info(f"wrote {options['output']}")
+
+
+def _summary(
+    setting: Setting, source: str, rates: dict[str, list[float]], memory: dict[str, float]
+) -> list[dict]:
+    """One result per contender: median and spread of its repeats, ratio to the example's."""
+    baseline = statistics.median(rates[CONTENDERS[0]])
+    results = []
+    for contender, measured in rates.items():
+        median = statistics.median(measured)
+        results.append(
+            {
+                "setting": setting.name,
+                "contender": contender,
+                "data": source,
+                "repeats": len(measured),
+                "it_s": median,
+                "min": min(measured),
+                "max": max(measured),
+                "tasks_s": median * setting.meta_batch_size,
+                "ratio": median / baseline,
+                "peak_mib": memory.get(contender),
+            }
+        )
+    return results
 
 
 COLUMNS = [
@@ -474,10 +488,12 @@ COLUMNS = [
 ]
 
 
-def _table_rows(results: list[dict]) -> list[list[str]]:
+def _table_rows(results: list[dict], repeats: int) -> list[list[str]]:
+    """Table cells; a setting cut short (a time limit) says how many repeats it has."""
     return [
         [
-            r["setting"],
+            r["setting"]
+            + ("" if r["repeats"] == repeats else f" ({r['repeats']} of {repeats} repeats)"),
             r["contender"],
             f"{r['it_s']:.2f}",
             f"{r['min']:.2f}-{r['max']:.2f}",
@@ -493,7 +509,7 @@ def _write_section(results: list[dict], hardware: str, options: dict) -> None:
     """Replace this hardware's section of the output file (none when output is empty)."""
     if not options["output"]:
         return
-    rows = _table_rows(results)
+    rows = _table_rows(results, int(options["repeats"]))
     command = "mamlrun bench " + " ".join(f"{k}={v}" for k, v in options.items() if v)
     lines = [
         f"## {hardware}",

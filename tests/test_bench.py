@@ -1,10 +1,13 @@
 """`mamlrun bench` as users run it: one command, a table of all contenders, one doc section per
 machine. Speeds are not asserted here (they are the benchmark's output, not a test)."""
 
+import os
+import subprocess
+
 import pytest
 import torch
 
-from conftest import run_mamlrun
+from conftest import MAMLRUN, run_mamlrun
 from mamlrun.bench import ABLATION_EAGER, ABLATION_VMAP, CONTENDERS
 
 ABLATION_BF16 = "mamlrun vmap, bf16 autocast"
@@ -79,3 +82,31 @@ def test_bench_help_lists_its_keys_and_defaults(tmp_path):
     assert out.startswith("usage: mamlrun bench [key=value ...]")
     for key, default in (("repeats", "5"), ("device", "cpu"), ("output", "docs/benchmarks.md")):
         assert any(line.split() == [key, default] for line in out.splitlines()), key
+
+
+def test_a_bench_stopped_by_a_time_limit_keeps_every_finished_repeat(tmp_path):
+    """Killed during a setting's second repeat, the doc holds the finished settings and the
+    repeat it completed, marked as such (a lent GPU's time ran out in this way)."""
+    output = tmp_path / "bench.md"
+    args = ("bench", "settings=sinusoid,omniglot_5w1s", "repeats=3", "seconds=0.1")
+    env = {**os.environ, "COLUMNS": "200", "PYTHONUNBUFFERED": "1"}
+    process = subprocess.Popen(
+        [*MAMLRUN, *args, f"output={output}"],
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=env,
+    )
+    try:
+        for line in process.stdout:  # the doc is written before each repeat's line
+            if "omniglot_5w1s: repeat 1/3" in line:
+                process.kill()
+                break
+    finally:
+        process.kill()
+        process.wait(timeout=60)
+    rows = _table_rows(output.read_text())
+    settings = {row[0] for row in rows}
+    assert settings == {"sinusoid", "omniglot_5w1s (1 of 3 repeats)"}, settings
+    assert len(rows) == 2 * len(CONTENDERS)
