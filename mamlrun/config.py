@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import importlib.util
 import inspect
+import re
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -459,8 +460,18 @@ def _check_values(typed: dict[str, Any]) -> None:
                 "eval.shots",
                 f"must be a non-empty list of K >= 1 or null, got {evaluation.shots}",
             )
+    seeds = {"seed": typed.get("seed")}  # NumPy's and PyTorch's seeds are unsigned 32-bit
+    seeds["dataset.split_seed"] = getattr(typed.get("dataset"), "split_seed", None)
+    for key, seed in seeds.items():
+        if seed is not None:
+            _check(0 <= seed < 2**32, key, f"must be in [0, 2**32), got {seed}")
     hardware = typed.get("hardware")
     if hardware is not None:
+        _check(
+            re.fullmatch(r"cpu|cuda(:\d+)?", hardware.device) is not None,
+            "hardware.device",
+            f"choose cpu, cuda or cuda:N, got {hardware.device!r}",
+        )
         _check(
             hardware.threads >= 0,
             "hardware.threads",
@@ -583,6 +594,11 @@ def _check_optimizer(spec: dict[str, Any], lr: float) -> None:
         raise ConfigError(
             f"algorithm.meta_optimizer._target_: cannot import {target!r} (e.g. torch.optim.Adam)"
         ) from None
+    _check(
+        spec.get("_partial_") is True,
+        "algorithm.meta_optimizer._partial_",
+        "must be true: mamlrun passes the parameters and algorithm.meta_lr itself",
+    )
     kwargs = {k: v for k, v in spec.items() if not k.startswith("_")}
     try:
         inspect.signature(optimizer_class).bind(params=[], lr=1.0, **kwargs)

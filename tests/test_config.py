@@ -85,6 +85,10 @@ def test_default_is_the_papers_sinusoid_setting():
         ("dataset=miniimagenet dataset.image_size=32", "dataset.image_size"),
         ("dataset=omniglot model.pooling=avg", "model.pooling"),
         ("hardware.precision=fp16", "hardware.precision"),
+        ("hardware.device=gpu", "hardware.device"),
+        ("seed=-1", "seed"),
+        ("dataset=omniglot dataset.split_seed=4294967296", "dataset.split_seed"),
+        ("algorithm.meta_optimizer._partial_=false", "algorithm.meta_optimizer._partial_"),
         ("hardware.precision=tf32", "hardware.precision"),  # on hardware=cpu
         ("hardware.cuda_graphs=true", "hardware.cuda_graphs"),  # on hardware=cpu
         ("hardware=cuda hardware.cuda_graphs=sometimes", "hardware.cuda_graphs"),
@@ -208,3 +212,31 @@ def test_composition_errors_are_one_line_user_errors(overrides, message):
     with pytest.raises(UserError) as error:
         compose_config(overrides)
     assert message in str(error.value) and "\n" not in str(error.value)
+
+
+def _leaf_keys(node, prefix: str = "") -> list[str]:
+    keys = []
+    for key, value in node.items():
+        if hasattr(value, "items"):
+            keys += _leaf_keys(value, f"{prefix}{key}.")
+        elif not key.startswith("_"):
+            keys.append(f"{prefix}{key}")
+    return keys
+
+
+@pytest.mark.parametrize("dataset", ["sinusoid", "omniglot"])
+def test_every_key_refuses_hostile_values_in_one_line(dataset):
+    """Fuzzed input: every leaf key of the composed config, set to a wrong type, a negative
+    number or a list, either validates or fails with a one-line UserError naming a key; never
+    another exception (a traceback for the user)."""
+    keys = [k for k in _leaf_keys(compose_config([f"dataset={dataset}"])) if k != "paper"]
+    assert len(keys) > 40
+    accepted = []
+    for key, value in itertools.product(keys, ["abc", "-1", "[1,2]"]):
+        try:
+            validate(compose_config([f"dataset={dataset}", f"{key}={value}"]))
+            accepted.append(f"{key}={value}")
+        except UserError as error:
+            assert "\n" not in str(error) and ("." in str(error) or ":" in str(error)), error
+    # strings such as logger names take anything; numbers and lists mostly do not
+    assert len(accepted) < len(keys), accepted
