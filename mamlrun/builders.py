@@ -40,14 +40,17 @@ SPLIT_NAMES = {"train": "train", "val": "validation", "test": "test"}
 VALIDATION_SEED_OFFSET = 1
 
 
-def select_device(hardware: Hardware) -> torch.device:
+def select_device(
+    hardware: Hardware, key: str = "hardware.device", on_cpu: str = "hardware=cpu"
+) -> torch.device:
     """The training device, set up as `hardware` says (threads, determinism, CUDA precision);
-    refuses CUDA when there is none instead of failing later."""
+    refuses CUDA when there is none instead of failing later, naming the caller's option `key`
+    and the `on_cpu` setting to use instead."""
     device = torch.device(hardware.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UserError(
-            f"hardware.device={hardware.device}: CUDA is not available on this machine "
-            "(use hardware=cpu, or install a CUDA build of torch)"
+            f"{key}={hardware.device}: CUDA is not available on this machine "
+            f"(use {on_cpu}, or install a CUDA build of torch)"
         )
     if device.type == "cuda":
         set_cuda_precision(hardware.precision)

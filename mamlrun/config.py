@@ -234,6 +234,10 @@ TOP_LEVEL: dict[str, dict[str, Any]] = {
 SOURCE_CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 
 
+# The devices mamlrun trains on (`hardware.device`, `mamlrun bench device=`).
+DEVICE_PATTERN = re.compile(r"cpu|cuda(:\d+)?")
+
+
 def configs_installed() -> bool:
     """Whether the configs are installed as the `mamlrun.conf` package."""
     return importlib.util.find_spec("mamlrun.conf") is not None
@@ -468,7 +472,7 @@ def _check_values(typed: dict[str, Any]) -> None:
     hardware = typed.get("hardware")
     if hardware is not None:
         _check(
-            re.fullmatch(r"cpu|cuda(:\d+)?", hardware.device) is not None,
+            DEVICE_PATTERN.fullmatch(hardware.device) is not None,
             "hardware.device",
             f"choose cpu, cuda or cuda:N, got {hardware.device!r}",
         )

@@ -185,21 +185,44 @@ def _duration(seconds: float) -> str:
     return f"{seconds:.0f} s" if seconds >= 1 else "< 1 s"
 
 
-def _throughput(cells: list[Cell]) -> tuple[str, dict[str, float]]:
-    """The machine the estimates are for (the cells' device type) and its tasks per second."""
+@dataclass
+class Throughput:
+    """Measured tasks per second on one kind of machine, for the plan's time estimates."""
+
+    machine: str  # the column's name: "est. <machine> time"
+    where: str  # what the total's estimate is for and where the numbers come from
+    tasks_per_second: dict[str, float]
+
+
+CPU = Throughput(
+    "CPU",
+    "on a CPU (training only; throughput constants measured on both cores of a 2-core Intel "
+    "Xeon, see mamlrun/reproduce.py; a GPU is much faster for the conv presets",
+    CPU_TASKS_PER_SECOND,
+)
+H200 = Throughput(
+    "H200",
+    "on an H200 GPU (training only; measured by mamlrun bench, see mamlrun/reproduce.py",
+    CUDA_TASKS_PER_SECOND,
+)
+
+
+def _throughput(cells: list[Cell]) -> Throughput:
+    """The machine the estimates are for: the cells' device type."""
     if any(cell.typed["hardware"].device.startswith("cuda") for cell in cells):
-        return "H200", CUDA_TASKS_PER_SECOND
-    return "CPU", CPU_TASKS_PER_SECOND
+        return H200
+    return CPU
 
 
-def plan_table(cells: list[Cell]) -> tuple[list[str], list[list[str]], int, float, int]:
+def plan_table(
+    cells: list[Cell], throughput: Throughput
+) -> tuple[list[str], list[list[str]], int, float, int]:
     """Per cell: the paper's settings as composed, iterations after budget, estimated cost.
 
     Returns:
-        columns, rows, the tasks left to train, the estimated seconds on the cells' device of
-        the cells with a throughput constant for it, and how many cells to train have none.
+        columns, rows, the tasks left to train, the estimated seconds on `throughput`'s machine
+        of the cells with a throughput constant for it, and how many cells to train have none.
     """
-    machine, rates = _throughput(cells)
     columns = [
         "cell",
         "action",
@@ -210,7 +233,7 @@ def plan_table(cells: list[Cell]) -> tuple[list[str], list[list[str]], int, floa
         "meta-batch",
         "iterations",
         "tasks to train",
-        f"est. {machine} time",
+        f"est. {throughput.machine} time",
     ]
     rows, total_tasks, seconds, unmeasured = [], 0, 0.0, 0
     for cell in cells:
@@ -223,7 +246,7 @@ def plan_table(cells: list[Cell]) -> tuple[list[str], list[list[str]], int, floa
             ways, shots = str(dataset.ways), str(dataset.shots)
         remaining = 0 if cell.action == REUSE else iterations - cell.done
         tasks = remaining * algorithm.meta_batch_size
-        rate = rates.get(cell.name)
+        rate = throughput.tasks_per_second.get(cell.name)
         total_tasks += tasks
         if rate:
             seconds += tasks / rate
@@ -322,15 +345,10 @@ def _result(cell: Cell) -> report.Run:
 def reproduce(table: str, overrides: list[str], dry_run: bool, root: Path = ROOT) -> int:
     """Plan, run and compare one table; returns the exit status (1 if a cell did not finish)."""
     cells = plan(table, overrides, root)
-    columns, rows, tasks, seconds, unmeasured = plan_table(cells)
+    throughput = _throughput(cells)
+    columns, rows, tasks, seconds, unmeasured = plan_table(cells, throughput)
     console.print_table(f"reproduce {table}: {len(cells)} cells → {root / table}", columns, rows)
-    if _throughput(cells)[0] == "H200":
-        where = "on an H200 GPU (training only; measured by mamlrun bench, see mamlrun/reproduce.py"
-    else:
-        where = (
-            "on a CPU (training only; throughput constants measured on both cores of a 2-core "
-            "Intel Xeon, see mamlrun/reproduce.py; a GPU is much faster for the conv presets"
-        )
+    where = throughput.where
     if unmeasured:
         where += f"; not counting the {unmeasured} cell(s) marked ?, unmeasured there"
     console.info(f"cost: {tasks:,} training tasks, about {_duration(seconds)} {where})")
