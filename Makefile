@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 # torch/torchvision: a matching pair. 2.14.1/0.29.1 lie on local disk on the CPU machines.
 TORCH  ?= torch==2.14.1 torchvision==0.29.1
 
-.PHONY: help install test test-fast train lint clean bench
+.PHONY: help install test test-fast train lint clean bench gpu-check
 
 help:  ## list targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-10s %s\n", $$1, $$2}'
@@ -34,6 +34,9 @@ train:  ## meta-train MAML on sinusoid with the paper's settings (pass ARGS="key
 
 bench:  ## benchmark meta-training throughput
 	$(BIN)/mamlrun bench $(ARGS)
+
+gpu-check:  ## on a CUDA machine: GPU tests, timed full Omniglot 5w1s run (OMNIGLOT=dir; STEPS="tests omniglot tf32 bench")
+	PYTHON=$(BIN)/python bash scripts/gpu_check.sh $(STEPS)
 
 lint:  ## ruff check and format check
 	$(BIN)/ruff check mamlrun tests

@@ -603,7 +603,7 @@ def _check_optimizer(spec: dict[str, Any], lr: float) -> None:
         "algorithm.meta_optimizer._partial_",
         "must be true: mamlrun passes the parameters and algorithm.meta_lr itself",
     )
-    kwargs = {k: v for k, v in spec.items() if not k.startswith("_")}
+    kwargs = _optimizer_options(spec)
     try:
         inspect.signature(optimizer_class).bind(params=[], lr=1.0, **kwargs)
     except TypeError as err:
@@ -622,10 +622,14 @@ def _throwaway_optimizer(spec: dict[str, Any], lr: float) -> Any:
     which options it has, known before any work."""
     import torch
 
-    kwargs = {k: v for k, v in spec.items() if not k.startswith("_")}
     return hydra.utils.get_class(spec["_target_"])(
-        [torch.zeros(1, requires_grad=True)], lr=lr, **kwargs
+        [torch.zeros(1, requires_grad=True)], lr=lr, **_optimizer_options(spec)
     )
+
+
+def _optimizer_options(spec: dict[str, Any]) -> dict[str, Any]:
+    """The optimizer's own keyword arguments: the spec without Hydra's `_target_`/`_partial_`."""
+    return {k: v for k, v in spec.items() if not k.startswith("_")}
 
 
 def to_container(cfg: DictConfig | ListConfig) -> Any:
