@@ -35,7 +35,7 @@ train:  ## meta-train MAML on sinusoid with the paper's settings (pass ARGS="key
 bench:  ## benchmark meta-training throughput
 	$(BIN)/mamlrun bench $(ARGS)
 
-gpu-check:  ## on a CUDA machine: GPU tests, timed full Omniglot 5w1s run (OMNIGLOT=dir; STEPS="tests omniglot tf32 bench")
+gpu-check:  ## on a CUDA machine: timed full Omniglot 5w1s run, GPU tests (OMNIGLOT=dir; STEPS="omniglot tests tf32 bench")
 	PYTHON=$(BIN)/python bash scripts/gpu_check.sh $(STEPS)
 
 lint:  ## ruff check and format check

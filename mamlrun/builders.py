@@ -53,6 +53,14 @@ def select_device(
             f"(use {on_cpu}, or install a CUDA build of torch)"
         )
     if device.type == "cuda":
+        if device.index is not None:
+            if device.index >= torch.cuda.device_count():
+                raise UserError(
+                    f"{key}={hardware.device}: this machine has {torch.cuda.device_count()} CUDA "
+                    "device(s), numbered from 0"
+                )
+            # make it the current device: CUDA streams and graph captures (meta_step) use that
+            torch.cuda.set_device(device)
         set_cuda_precision(hardware.precision)
     keep_freed_memory()
     torch.set_num_threads(hardware.threads or len(os.sched_getaffinity(0)))
