@@ -146,6 +146,11 @@ def _with_argv(name: str, entry: Callable[[], None]) -> Callable[[list[str]], No
 
     def run(args: list[str]) -> None:
         if name == "train":
+            try:
+                args = [_expand_experiment(arg) for arg in args]
+            except UserError as err:
+                print(f"mamlrun {name}: error: {err}", file=sys.stderr)
+                raise SystemExit(2) from None
             args = args + _resume_overrides(args)
         sys.argv = [f"mamlrun {name}", *args]
         entry()
@@ -187,6 +192,40 @@ def usage() -> str:
     lines += [f"  {name:<10} {help_}" for name, (help_, _) in COMMANDS.items()]
     lines += ["", "`mamlrun <subcommand> --help` shows its config groups and Hydra's flags.", ""]
     return "\n".join(lines) + EXAMPLES
+
+
+def _expand_experiment(arg: str) -> str:
+    """`experiment=glob(finn2017/omniglot_*)` as the list of presets it matches, and any other
+    `experiment=` value checked against the presets: Hydra sees only the group's top folder,
+    where there are none, so its glob would launch 0 jobs and its error list no choices."""
+    key, _, value = arg.partition("=")
+    if key.lstrip("+") != "experiment" or value in ("", "null"):
+        return arg
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.core.override_parser.types import Glob
+    from hydra.errors import HydraException
+
+    from mamlrun.config import error_line, experiment_presets
+
+    presets = experiment_presets()
+    try:
+        override = OverridesParser.create().parse_override(arg)
+    except HydraException as err:
+        raise UserError(error_line(err)) from None
+    choices = f"choose from {', '.join(presets)}"
+    if isinstance(override.value(), Glob):
+        matched = override.value().filter(presets)
+        if not matched:
+            raise UserError(f"{arg}: matches no experiment preset ({choices})")
+        return f"{key}={','.join(matched)}"
+    if override.is_sweep_override():
+        names = list(override.sweep_string_iterator())
+    else:
+        names = [override.get_value_element_as_str()]
+    unknown = [name for name in names if name not in presets]
+    if unknown:
+        raise UserError(f"{key}={unknown[0]}: no such experiment preset ({choices})")
+    return arg
 
 
 def _resume_overrides(args: list[str]) -> list[str]:

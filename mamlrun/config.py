@@ -283,6 +283,28 @@ def error_line(err: Exception) -> str:
     return first.rstrip(".") + hint
 
 
+def experiment_presets() -> list[str]:
+    """The experiment presets, named as `experiment=` takes them (`finn2017/omniglot_5w1s`).
+
+    Hydra's own `glob()` and its list of choices see only a group's top folder, and the presets
+    live one folder down (`conf/experiment/finn2017/`): `mamlrun train` expands and checks
+    `experiment=` values against this list instead (`mamlrun.cli`)."""
+    root = (
+        resources.files("mamlrun.conf") if configs_installed() else SOURCE_CONF_DIR
+    ) / "experiment"
+
+    def walk(folder, prefix: str) -> list[str]:
+        names = []
+        for entry in folder.iterdir():
+            if entry.is_dir() and not entry.name.startswith(("_", ".")):
+                names += walk(entry, f"{prefix}{entry.name}/")
+            elif entry.name.endswith(".yaml"):
+                names.append(prefix + entry.name.removesuffix(".yaml"))
+        return names
+
+    return sorted(walk(root, "")) if root.is_dir() else []
+
+
 def hardware_defaults(device_type: str) -> Hardware:
     """The shipped `hardware=<device_type>` group (conf/hardware/cpu.yaml, cuda.yaml): how
     training runs by default on that device type; the schema's defaults for other types."""

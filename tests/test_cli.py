@@ -46,6 +46,11 @@ def test_hydra_flags_work_after_the_subcommand(tmp_path):
             "model._target_: cannot build torch.nn.Nope: ImportError",
         ),
         (["train", "hydra.run.dir=/proc/mamlrun-run"], "/proc/mamlrun-run: No such file"),
+        (
+            ["train", "experiment=finn2017/omniglot_5w1"],
+            "omniglot_5w1: no such experiment preset (choose from finn2017/miniimagenet_5w1s",
+        ),
+        (["train", "-m", "experiment=glob(finn2017/omni)"], "matches no experiment preset"),
     ],
 )
 def test_bad_input_exits_nonzero_with_a_readable_message(tmp_path, args, needle):
@@ -55,3 +60,16 @@ def test_bad_input_exits_nonzero_with_a_readable_message(tmp_path, args, needle)
     assert needle in result.stderr and len(result.stderr.strip().splitlines()) == 1, result.stderr
     assert "Traceback" not in result.stderr + result.stdout
     assert not list(tmp_path.glob("outputs/*/*/checkpoints")), "no work may start on bad input"
+
+
+def test_an_experiment_glob_expands_to_the_presets_in_their_folder():
+    """Hydra's glob sees only conf/experiment/ itself, where there are no presets: the README's
+    `mamlrun train -m 'experiment=glob(finn2017/omniglot_*)'` launched 0 jobs."""
+    from mamlrun.cli import _expand_experiment
+
+    expanded = _expand_experiment("experiment=glob(finn2017/omniglot_*,exclude=*mlp*)")
+    names = expanded.removeprefix("experiment=").split(",")
+    assert names == [f"finn2017/omniglot_{cell}" for cell in ("20w1s", "20w5s", "5w1s", "5w5s")]
+    assert _expand_experiment("experiment=finn2017/sinusoid_maml") == (
+        "experiment=finn2017/sinusoid_maml"
+    )
