@@ -114,8 +114,9 @@ def _planned_iterations(config: dict[str, Any]) -> int | None:
 
     try:
         return validate(OmegaConf.create(config))["train"].iterations
-    except Exception:  # noqa: BLE001 - a config from another mamlrun version: best effort
-        return (config.get("train") or {}).get("iterations")
+    except Exception:  # noqa: BLE001 - another mamlrun version's config, or a refused one
+        planned = (config.get("train") or {}).get("iterations")
+        return planned if isinstance(planned, int) else None
 
 
 def _last_val(path: Path) -> dict[str, Any] | None:
@@ -211,7 +212,7 @@ def _iterations_text(run: Run) -> str:
         return "?"
     budget = run.config.get("budget", 1.0)
     text = f"{done:,}/{run.iterations:,}"
-    return text + (f" (budget {budget:g})" if budget != 1.0 else "")
+    return text + (f" (budget {budget:g})" if isinstance(budget, float) and budget != 1.0 else "")
 
 
 def settings_of(run: Run) -> list[str]:
@@ -426,9 +427,15 @@ def hardware_text(runs: list[Run]) -> str:
     return f"hardware: runs used {', '.join(asked) or '?'}; this machine: {machine()}"
 
 
+def _budgets(runs: list[Run]) -> list[float]:
+    """The runs' `budget` values (a refused run's config may hold anything: skipped)."""
+    values = (r.config.get("budget", 1.0) for r in runs if r.config)
+    return sorted({float(b) for b in values if isinstance(b, int | float)})
+
+
 def header_lines(runs: list[Run]) -> list[str]:
     """Budget, evaluation size and hardware: what a reader needs before trusting any number."""
-    budgets = sorted({r.config.get("budget", 1.0) for r in runs if r.config})
+    budgets = _budgets(runs)
     lines = []
     if any(b != 1.0 for b in budgets):
         lines.append(
@@ -436,7 +443,7 @@ def header_lines(runs: list[Run]) -> list[str]:
             "paper's training iterations; its numbers are not the paper protocol's"
         )
     else:
-        lines.append("budget 1 (the full training iterations of each preset)")
+        lines.append("budget 1 (train.iterations as each run set it, not scaled)")
     tasks = sorted({r.evaluation["tasks"] for r in runs if r.evaluation})
     if tasks:
         lines.append(f"test tasks per setting: {', '.join(map(str, tasks))} (paper: 600)")
@@ -542,7 +549,7 @@ def _sinusoid_plot(runs: list[Run], out: Path) -> Path | None:
             references[run.preset] = (_as_list(paper["steps"], 1), _as_list(paper["value"], 1))
     if not curves:
         return None
-    budgets = sorted({r.config.get("budget", 1.0) for r in runs if r.preset in curves})
+    budgets = _budgets([r for r in runs if r.preset in curves])
     title = "sinusoid, K=5 (paper Figure 3)"
     if budgets != [1.0]:
         title += f", budget {', '.join(f'{b:g}' for b in budgets)}"

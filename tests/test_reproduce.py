@@ -225,15 +225,19 @@ def test_report_lists_failed_and_unfinished_runs(tmp_path):
         expect_ok=False,
     )
     assert failed.returncode == 2 and (sweep / "broken/.hydra").is_dir()
+    # refused by validation: its recorded config holds values of the wrong type
+    refused = ("train.iterations=abc", "budget=abc", f"hydra.run.dir={sweep / 'refused'}")
+    assert run_mamlrun("train", *QUICK, *refused, cwd=tmp_path, expect_ok=False).returncode == 2
     _interrupted_run(sweep / "stopped", tmp_path)
 
     result = run_mamlrun("report", str(sweep), "--out", str(tmp_path / "report"), cwd=tmp_path)
     rows = list(csv.DictReader((tmp_path / "report/results.csv").open()))
     status = {r["run"]: r["status"] for r in rows}
-    assert status == {"ok": "finished", "broken": "failed", "stopped": "unfinished"}, rows
+    expected = {"ok": "finished", "broken": "failed", "refused": "failed", "stopped": "unfinished"}
+    assert status == expected, rows
     ok = next(r for r in rows if r["run"] == "ok")
     assert "±" in ok["test K=5 mse"] and ok["dataset"] == "–"  # `dataset` was swept
-    assert "runs: 1 of 3 finished" in result.stdout
+    assert "runs: 1 of 4 finished" in result.stdout
     assert (tmp_path / "report/results.md").is_file()
     # an --out that cannot be written: the tables are still printed, then one line, exit 2
     (tmp_path / "a-file").write_text("")
@@ -245,5 +249,5 @@ def test_report_lists_failed_and_unfinished_runs(tmp_path):
         cwd=tmp_path,
         expect_ok=False,
     )
-    assert unwritable.returncode == 2 and "runs: 1 of 3 finished" in unwritable.stdout
+    assert unwritable.returncode == 2 and "runs: 1 of 4 finished" in unwritable.stdout
     assert "a-file/report: cannot write there (Not a directory)" in unwritable.stderr
