@@ -211,8 +211,11 @@ def run_train(cfg: DictConfig) -> float:
                     checkpoint("last.pt", iteration)
                 bar.update(task, completed=iteration)
         seconds = time.perf_counter() - started
-        rows = read_metrics(metrics.path)
-        tracker.log_images([plots.learning_curves(rows, run_dir, metric)], step=loop.iterations)
+        # train.iterations=0 trains nothing and logs nothing: the test evaluates the initialization
+        rows = read_metrics(metrics.path) if metrics.path.exists() else []
+        if rows:
+            curves = plots.learning_curves(rows, run_dir, metric)
+            tracker.log_images([curves], step=loop.iterations)
         summary = [
             ["iterations", f"{loop.iterations:,} ({loop.iterations - start:,} this session)"],
             [

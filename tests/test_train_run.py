@@ -136,3 +136,16 @@ def test_bf16_autocast_run_learns_to_adapt(tmp_path):
     val = [r for r in read_jsonl(run_dir / "metrics.jsonl") if r["split"] == "val"][-1]
     assert val["mse_step1"] < 0.7 * val["mse_step0"], val
     assert val["mse_step10"] < 0.5 * val["mse_step0"], val
+
+
+def test_zero_iterations_evaluate_the_initialization(run_dir, tmp_path):
+    """`train.iterations=0`: the untrained network's test table, a baseline for the trained one
+    (it used to stop with a missing metrics.jsonl)."""
+    target = tmp_path / "untrained"
+    args = ("train", *QUICK, "train.iterations=0", "eval.tasks=100", f"hydra.run.dir={target}")
+    run_mamlrun(*args, cwd=tmp_path)
+    untrained = json.loads((target / "eval.json").read_text())
+    trained = json.loads((run_dir / "eval.json").read_text())
+    assert untrained["iteration"] == 0 and not (target / "checkpoints").exists()
+    before, after = (r["results"]["K=5"]["mse"]["mean"][1] for r in (untrained, trained))
+    assert after < 0.7 * before, (before, after)
