@@ -11,6 +11,8 @@ import os
 from pathlib import Path
 from typing import Any, Protocol
 
+from mamlrun.errors import UserError
+
 METRICS_FILE = "metrics.jsonl"
 
 
@@ -60,19 +62,27 @@ class WandbTracker:
         import wandb  # imported here: logger=none must not pay for it or touch its files
 
         self._wandb = wandb
-        self.run = wandb.init(
-            dir=str(run_dir),
-            mode=os.environ.get("WANDB_MODE", mode),
-            project=project,
-            entity=entity,
-            name=name,
-            group=group,
-            tags=tags or [],
-            config=config,
-            id=resume_id,
-            resume="allow" if resume_id else None,
-            settings=wandb.Settings(console="off", silent=True),
-        )
+        mode = os.environ.get("WANDB_MODE", mode)
+        try:
+            self.run = wandb.init(
+                dir=str(run_dir),
+                mode=mode,
+                project=project,
+                entity=entity,
+                name=name,
+                group=group,
+                tags=tags or [],
+                config=config,
+                id=resume_id,
+                resume="allow" if resume_id else None,
+                settings=wandb.Settings(console="off", silent=True),
+            )
+        except wandb.errors.Error as err:  # no API key, no network, a bad entity: before any work
+            reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise UserError(
+                f"logger.mode={mode}: wandb could not start a run: {reason} (run `wandb login` "
+                "or set WANDB_API_KEY; or train with logger.mode=offline and `wandb sync` later)"
+            ) from None
 
     @property
     def run_id(self) -> str:

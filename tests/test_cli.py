@@ -1,5 +1,8 @@
 """The console script as users meet it: help, Hydra flags, and errors that are one readable line."""
 
+import os
+from pathlib import Path
+
 import pytest
 
 from conftest import QUICK, run_mamlrun
@@ -73,3 +76,17 @@ def test_an_experiment_glob_expands_to_the_presets_in_their_folder():
     assert _expand_experiment("experiment=finn2017/sinusoid_maml") == (
         "experiment=finn2017/sinusoid_maml"
     )
+
+
+@pytest.mark.skipif(
+    bool(os.environ.get("WANDB_API_KEY")) or (Path.home() / ".netrc").exists(),
+    reason="checks the message of a machine without W&B credentials",
+)
+def test_online_wandb_without_credentials_is_one_line(tmp_path):
+    args = [a for a in QUICK if a != "logger=none"]
+    result = run_mamlrun(
+        "train", *args, "logger=wandb", "logger.mode=online", cwd=tmp_path, expect_ok=False
+    )
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.startswith("mamlrun train: error: logger.mode=online: wandb could not")
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
