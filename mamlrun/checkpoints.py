@@ -55,11 +55,13 @@ def resolve(path_or_run_dir: str | Path, prefer: str = "best.pt") -> Path:
     """
     path = Path(path_or_run_dir).expanduser()
     if path.is_dir():
-        for candidate in (path / CHECKPOINT_DIR / prefer, path / CHECKPOINT_DIR / "last.pt"):
-            if candidate.is_file():
-                return candidate
+        names = dict.fromkeys((prefer, "last.pt"))  # in order, once each
+        for name in names:
+            if (path / CHECKPOINT_DIR / name).is_file():
+                return path / CHECKPOINT_DIR / name
+        looked = " or ".join(f"{CHECKPOINT_DIR}/{name}" for name in names)
         raise UserError(
-            f"{path}: no {CHECKPOINT_DIR}/{prefer} or {CHECKPOINT_DIR}/last.pt in this directory; "
+            f"{path}: no {looked} in this directory; "
             "pass a run directory of `mamlrun train` or a .pt file"
         )
     if not path.is_file():

@@ -40,6 +40,8 @@ def test_hydra_flags_work_after_the_subcommand(tmp_path):
         (["eval"], "checkpoint: required"),
         (["eval", "eval.taskz=5"], "Could not override 'eval.taskz'"),
         (["train", "resume=nowhere"], "nowhere: no such checkpoint"),
+        (["train", "resume=."], ": no checkpoints/last.pt in this directory; pass a run"),
+        (["eval", "checkpoint=."], ": no checkpoints/best.pt or checkpoints/last.pt in this"),
         (
             ["train", "+algorithm.meta_optimizer.betas=x"],
             "algorithm.meta_optimizer: torch.optim.Adam refused {'betas': 'x'}",
