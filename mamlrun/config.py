@@ -221,6 +221,7 @@ TOP_LEVEL: dict[str, dict[str, Any]] = {
         "task_name": str,
         "seed": int,
         "checkpoint": str,
+        "data_root": (str, type(None)),
         "print_config": bool,
         "eval": EvalSettings,
     },

@@ -9,6 +9,7 @@ every run and every algorithm is scored on the same tasks.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import time
@@ -20,8 +21,9 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from mamlrun import builders, checkpoints, console, plots
-from mamlrun.config import EvalSettings, validate
+from mamlrun.config import EvalSettings, ImageDataset, validate
 from mamlrun.engine import Learn2LearnEngine
+from mamlrun.errors import UserError
 from mamlrun.loggers import Tracker
 
 EVAL_FILE = "eval.json"
@@ -165,6 +167,10 @@ def run_eval(cfg: DictConfig) -> dict[str, float]:
     trained = validate(OmegaConf.create(payload["config"]), primary="train")
     # The model's config comes from the checkpoint; how to run and score it, from this command.
     typed = {**trained, **{k: settings[k] for k in ("hardware", "logger", "eval")}}
+    if settings["data_root"] is not None:  # the data is elsewhere on this machine
+        if not isinstance(typed["dataset"], ImageDataset):
+            raise UserError(f"data_root: the {typed['dataset'].name} dataset reads no files")
+        typed["dataset"] = dataclasses.replace(typed["dataset"], root=settings["data_root"])
     device = builders.select_device(settings["hardware"])
     builders.seed_everything(settings["seed"])
     model = builders.model_for(typed["model"], typed["dataset"]).to(device)

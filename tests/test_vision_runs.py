@@ -81,6 +81,19 @@ def test_omniglot_5way_1shot_learns_well_above_chance(tmp_path):
     assert result["mean"][3] > 0.4 and result["mean"][3] > result["mean"][0] + 0.15
     assert (run_dir / "adaptation.png").is_file() and not (run_dir / "sinusoid_fits.png").exists()
 
+    # evaluated where the data lives elsewhere: the same test tasks, the same numbers
+    moved = tmp_path / "moved"
+    moved.mkdir()
+    for archive in ("images_background.zip", "images_evaluation.zip"):
+        (moved / archive).symlink_to(OMNIGLOT / archive)
+    again = tmp_path / "again"
+    args = (f"checkpoint={run_dir}", "logger=none", "eval.tasks=100", f"hydra.run.dir={again}")
+    run_mamlrun("eval", *args, f"data_root={moved}", cwd=tmp_path)
+    assert json.loads((again / "eval.json").read_text())["results"] == report["results"]
+    args = (f"checkpoint={run_dir}", "logger=none", f"data_root={tmp_path / 'none'}")
+    missing = run_mamlrun("eval", *args, cwd=tmp_path, expect_ok=False)
+    assert missing.returncode == 2 and "images_background" in missing.stderr
+
 
 def test_any_module_given_by_target_trains(tmp_path):
     conf = tmp_path / "myconf" / "model"
