@@ -85,6 +85,11 @@ def _hydra_command(config_name: str, task: Callable) -> Callable[[], None]:
                 raise
             print(f"mamlrun {config_name}: error: {error_line(err)}", file=sys.stderr)
             raise SystemExit(2) from None
+        except ValueError as err:  # Hydra's own flags combined wrongly (`-m --cfg job`)
+            if full_error == "1" or not str(err).startswith("Only one of"):
+                raise
+            print(f"mamlrun {config_name}: error: {err}", file=sys.stderr)
+            raise SystemExit(2) from None
         except OSError as err:  # a path it cannot use (hydra.run.dir, a full disk): no traceback
             if err.filename is None or full_error == "1":
                 raise

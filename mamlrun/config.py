@@ -460,8 +460,16 @@ def _check_values(typed: dict[str, Any]) -> None:
             "model.hidden",
             f"sizes must be >= 1, got {model.hidden}",
         )
-        _check(model.activation in ("relu", "tanh"), "model.activation", "choose relu or tanh")
-        _check(model.init in ("authors", "torch"), "model.init", "choose authors or torch")
+        _check(
+            model.activation in ("relu", "tanh"),
+            "model.activation",
+            f"choose relu or tanh, got {model.activation!r}",
+        )
+        _check(
+            model.init in ("authors", "torch"),
+            "model.init",
+            f"choose authors or torch, got {model.init!r}",
+        )
     if "budget" in typed:
         budget = typed["budget"]
         ok = not isinstance(budget, bool) and 0 < budget <= 1
@@ -596,6 +604,12 @@ def _check_image_dataset(dataset: ImageDataset) -> None:
             f"{dataset.ways} ways but the {name} {split} split has only {classes} classes",
         )
     per_class = IMAGES_PER_CLASS[name]
+    _check(
+        dataset.shots < per_class,
+        "dataset.shots",
+        f"must be < {per_class} ({name} has {per_class} images per class and a task needs "
+        f"queries too), got {dataset.shots}",
+    )
     for key, queries in (
         ("query_shots", dataset.train_query_shots),
         ("test_query_shots", dataset.eval_query_shots),

@@ -23,8 +23,10 @@ def run_data(args: list[str]) -> None:
     if any(arg in ("-h", "--help") for arg in args):
         print(f"{USAGE}\n\n{__doc__.strip()}")
         return
-    if not args or args[0] not in ACTIONS:
-        raise UserError(USAGE)
+    if not args:
+        raise UserError(f"name an action; {USAGE}")
+    if args[0] not in ACTIONS:
+        raise UserError(f"unknown action {args[0]!r}; {USAGE}")
     action, overrides = args[0], args[1:]
     dataset = validate(compose_config(overrides))["dataset"]
     if isinstance(dataset, SinusoidDataset):

@@ -40,6 +40,7 @@ def test_hydra_flags_work_after_the_subcommand(tmp_path):
         (["eval"], "checkpoint: required"),
         (["eval", "eval.taskz=5"], "Could not override 'eval.taskz'"),
         (["eval", "checkpoint=x.pt", "data_root=[1]"], "data_root: expected"),
+        (["train", "-m", "--cfg", "job"], "Only one of --run, --multirun, --cfg"),
         (["train", "resume=nowhere"], "nowhere: no such checkpoint"),
         (["train", "resume=."], ": no checkpoints/last.pt in this directory; pass a run"),
         (["eval", "checkpoint=."], ": no checkpoints/best.pt or checkpoints/last.pt in this"),

@@ -77,6 +77,8 @@ def test_default_is_the_papers_sinusoid_setting():
         ("dataset=omniglot dataset.ways=200", "dataset.ways"),
         ("dataset=omniglot dataset.shots=0", "dataset.shots"),
         ("dataset=omniglot dataset.shots=15 dataset.query_shots=6", "dataset.query_shots"),
+        ("dataset=omniglot dataset.shots=30", "dataset.shots: must be < 20"),
+        ("model.activation=gelu2", "model.activation: choose relu or tanh, got 'gelu2'"),
         (
             "dataset=omniglot dataset.shots=10 dataset.test_query_shots=11",
             "dataset.test_query_shots",

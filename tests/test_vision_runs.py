@@ -48,6 +48,8 @@ def test_data_refuses_what_hydra_cannot_compose_in_one_line(tmp_path):
         result = run_mamlrun("data", "verify", *overrides, cwd=tmp_path, expect_ok=False)
         assert result.returncode == 2 and message in result.stderr, result.stderr
         assert len(result.stderr.strip().splitlines()) == 1
+    typo = run_mamlrun("data", "verfy", "dataset=omniglot", cwd=tmp_path, expect_ok=False)
+    assert typo.returncode == 2 and "unknown action 'verfy'; usage: mamlrun data" in typo.stderr
     usage = run_mamlrun("data", "prepare", "--help", cwd=tmp_path).stdout
     assert usage.startswith("usage: mamlrun data {prepare,verify}") and "download" in usage
 
