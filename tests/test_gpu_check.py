@@ -42,7 +42,7 @@ def test_a_failing_step_is_recorded_and_the_next_ones_still_run(tmp_path):
 
 @needs_omniglot
 def test_the_omniglot_step_trains_tests_and_reports_its_time(tmp_path):
-    overrides = "eval.tasks=20 train.val_tasks=10"
+    overrides = "eval.tasks=20 train.val_tasks=10 hardware.compile=false"
     result = gpu_check(
         "omniglot", out=tmp_path, OMNIGLOT=str(OMNIGLOT), ITERATIONS="3", OVERRIDES=overrides
     )
