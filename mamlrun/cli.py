@@ -13,8 +13,15 @@ import textwrap
 import warnings
 from collections.abc import Callable
 from pathlib import Path
+from typing import NoReturn
 
 from mamlrun.errors import UserError
+
+
+def _fail(command: str, message: str) -> NoReturn:
+    """End the command with one line on stderr and exit status 2 (bad input, not a bug)."""
+    print(f"mamlrun {command}: error: {message}", file=sys.stderr)
+    raise SystemExit(2)
 
 
 def _config_path() -> str:
@@ -57,8 +64,7 @@ def _hydra_command(config_name: str, task: Callable) -> Callable[[], None]:
 
             job = HydraConfig.get()
             if job.mode.name != "MULTIRUN":
-                print(f"mamlrun {config_name}: error: {err}", file=sys.stderr)
-                raise SystemExit(2) from None
+                _fail(config_name, str(err))
             overrides = " ".join(job.overrides.task)
             print(
                 f"mamlrun {config_name}: error in job {job.job.num} ({overrides}): {err}",
@@ -83,34 +89,30 @@ def _hydra_command(config_name: str, task: Callable) -> Callable[[], None]:
         except CompactHydraException as err:
             if full_error == "1":
                 raise
-            print(f"mamlrun {config_name}: error: {error_line(err)}", file=sys.stderr)
-            raise SystemExit(2) from None
+            _fail(config_name, error_line(err))
         except ValueError as err:  # Hydra's own flags combined wrongly (`-m --cfg job`)
             if full_error == "1" or not str(err).startswith("Only one of"):
                 raise
-            print(f"mamlrun {config_name}: error: {err}", file=sys.stderr)
-            raise SystemExit(2) from None
+            _fail(config_name, str(err))
         except OSError as err:  # a path it cannot use (hydra.run.dir, a full disk): no traceback
             if err.filename is None or full_error == "1":
                 raise
-            print(
-                f"mamlrun {config_name}: error: {err.filename}: {err.strerror} (check the path, "
-                "its permissions and free space; finished checkpoints and results are kept)",
-                file=sys.stderr,
+            _fail(
+                config_name,
+                f"{err.filename}: {err.strerror} (check the path, its permissions and free "
+                "space; finished checkpoints and results are kept)",
             )
-            raise SystemExit(2) from None
         finally:
             if full_error is None:
                 os.environ.pop("HYDRA_FULL_ERROR")
             else:
                 os.environ["HYDRA_FULL_ERROR"] = full_error
         if failed_jobs:
-            print(
-                f"mamlrun {config_name}: error: sweep job(s) {', '.join(failed_jobs)} failed "
-                "(see their lines above); the other jobs finished",
-                file=sys.stderr,
+            _fail(
+                config_name,
+                f"sweep job(s) {', '.join(failed_jobs)} failed (see their lines above); the "
+                "other jobs finished",
             )
-            raise SystemExit(2)
 
     return entry
 
@@ -138,8 +140,7 @@ def _plain_command(name: str, module: str, function: str) -> Callable[[list[str]
         try:
             status = getattr(importlib.import_module(module), function)(args)
         except UserError as err:
-            print(f"mamlrun {name}: error: {err}", file=sys.stderr)
-            raise SystemExit(2) from None
+            _fail(name, str(err))
         if isinstance(status, int) and status:
             raise SystemExit(status)
 
@@ -154,8 +155,7 @@ def _with_argv(name: str, entry: Callable[[], None]) -> Callable[[list[str]], No
             try:
                 args = [_expand_experiment(arg) for arg in args]
             except UserError as err:
-                print(f"mamlrun {name}: error: {err}", file=sys.stderr)
-                raise SystemExit(2) from None
+                _fail(name, str(err))
             args = args + _resume_overrides(args)
         sys.argv = [f"mamlrun {name}", *args]
         entry()
@@ -218,8 +218,9 @@ def _expand_experiment(arg: str) -> str:
     except HydraException as err:
         raise UserError(error_line(err)) from None
     choices = f"choose from {', '.join(presets)}"
-    if isinstance(override.value(), Glob):
-        matched = override.value().filter(presets)
+    value = override.value()
+    if isinstance(value, Glob):
+        matched = value.filter(presets)
         if not matched:
             raise UserError(f"{arg}: matches no experiment preset ({choices})")
         return f"{key}={','.join(matched)}"

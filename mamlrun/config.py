@@ -284,15 +284,18 @@ def error_line(err: Exception) -> str:
     return first.rstrip(".") + hint
 
 
+def _shipped_configs():
+    """The folder of the shipped configs: the installed `mamlrun.conf`, or the checkout's."""
+    return resources.files("mamlrun.conf") if configs_installed() else SOURCE_CONF_DIR
+
+
 def experiment_presets() -> list[str]:
     """The experiment presets, named as `experiment=` takes them (`finn2017/omniglot_5w1s`).
 
     Hydra's own `glob()` and its list of choices see only a group's top folder, and the presets
     live one folder down (`conf/experiment/finn2017/`): `mamlrun train` expands and checks
     `experiment=` values against this list instead (`mamlrun.cli`)."""
-    root = (
-        resources.files("mamlrun.conf") if configs_installed() else SOURCE_CONF_DIR
-    ) / "experiment"
+    root = _shipped_configs() / "experiment"
 
     def walk(folder, prefix: str) -> list[str]:
         names = []
@@ -309,8 +312,7 @@ def experiment_presets() -> list[str]:
 def hardware_defaults(device_type: str) -> Hardware:
     """The shipped `hardware=<device_type>` group (conf/hardware/cpu.yaml, cuda.yaml): how
     training runs by default on that device type; the schema's defaults for other types."""
-    folder = resources.files("mamlrun.conf") if configs_installed() else SOURCE_CONF_DIR
-    path = folder / "hardware" / f"{device_type}.yaml"
+    path = _shipped_configs() / "hardware" / f"{device_type}.yaml"
     if not path.is_file():
         return Hardware(name=device_type, device=device_type)
     return _typed("hardware", OmegaConf.create(path.read_text()), Hardware)
