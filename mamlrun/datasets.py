@@ -475,8 +475,9 @@ def download_miniimagenet(directory: Path, split: str) -> None:
     way to download. It also loads the file and converts it to float32 (about 3.3 GB for the
     train split) before we drop it and read the pickle ourselves.
     """
-    with contextlib.redirect_stderr(io.StringIO()):  # learn2learn imports gym, which prints
-        from learn2learn.vision.datasets import MiniImagenet
+    from mamlrun.engine import import_learn2learn  # torch and learn2learn only when downloading
+
+    MiniImagenet = import_learn2learn().vision.datasets.MiniImagenet
     try:
         directory.mkdir(parents=True, exist_ok=True)
         MiniImagenet(root=str(directory), mode=split, download=True)

@@ -17,19 +17,15 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import io
 import random
 from collections.abc import Iterator, Sequence
 
 import torch
 from torch.utils.data import Dataset
 
+from mamlrun.engine import import_learn2learn
 from mamlrun.errors import UserError
 from mamlrun.tasks import TaskBatch, restore_generator
-
-with contextlib.redirect_stderr(io.StringIO()):  # learn2learn imports gym, which prints a notice
-    import learn2learn as l2l
-from learn2learn.data.transforms import KShots, LoadData, NWays, RemapLabels
 
 
 @contextlib.contextmanager
@@ -118,7 +114,7 @@ class ClassRotations:
     which is much faster than one `rot90` per image.
     """
 
-    def __init__(self, dataset: l2l.data.MetaDataset) -> None:
+    def __init__(self, dataset) -> None:  # a learn2learn MetaDataset
         self.dataset = dataset
 
     def __call__(self, description: list) -> list:
@@ -177,6 +173,7 @@ class ClassificationTasks:
         self.input_shape = tuple(images.shape[2:])
         self.classes = torch.tensor(classes)
         per_class = images.shape[1]
+        l2l = import_learn2learn()
         dataset = l2l.data.MetaDataset(
             _SplitImages(images, classes),
             labels_to_indices={
@@ -185,10 +182,10 @@ class ClassificationTasks:
             },
         )
         transforms = [
-            NWays(dataset, n=ways),
-            KShots(dataset, k=shots + query_shots),
-            LoadData(dataset),
-            RemapLabels(dataset),
+            l2l.data.transforms.NWays(dataset, n=ways),
+            l2l.data.transforms.KShots(dataset, k=shots + query_shots),
+            l2l.data.transforms.LoadData(dataset),
+            l2l.data.transforms.RemapLabels(dataset),
         ]
         if rotations:
             transforms.append(ClassRotations(dataset))
