@@ -51,13 +51,6 @@ from mamlrun.meta_step import WARMUP_STEPS, MetaStep
 from mamlrun.models import conv4, mlp
 from mamlrun.tasks import SinusoidTasks
 
-l2l = import_learn2learn()  # the bench's baseline is learn2learn's own loop
-ConsecutiveLabels, KShots, LoadData, NWays, RemapLabels = (
-    getattr(l2l.data.transforms, name)
-    for name in ("ConsecutiveLabels", "KShots", "LoadData", "NWays", "RemapLabels")
-)
-RandomClassRotation = l2l.vision.transforms.RandomClassRotation
-
 T = TypeVar("T")
 
 _DOC_HEADER = """# Benchmarks
@@ -163,6 +156,7 @@ def _model(setting: Setting) -> torch.nn.Module:
 
 def _plain_learn2learn(setting: Setting, images, device) -> Callable[[], None]:
     """One meta-iteration written as learn2learn's MAML examples write it."""
+    l2l = import_learn2learn()
     model = _model(setting).to(device)
     maml = l2l.algorithms.MAML(model, lr=setting.inner_lr, first_order=False)
     optimizer = torch.optim.Adam(maml.parameters(), lr=1e-3)
@@ -177,14 +171,15 @@ def _plain_learn2learn(setting: Setting, images, device) -> Callable[[], None]:
             )
         )
         transforms = [
-            NWays(dataset, setting.ways),
-            KShots(dataset, setting.shots + setting.query_shots),
-            LoadData(dataset),
-            RemapLabels(dataset),
-            ConsecutiveLabels(dataset),
+            l2l.data.transforms.NWays(dataset, setting.ways),
+            l2l.data.transforms.KShots(dataset, setting.shots + setting.query_shots),
+            l2l.data.transforms.LoadData(dataset),
+            l2l.data.transforms.RemapLabels(dataset),
+            l2l.data.transforms.ConsecutiveLabels(dataset),
         ]
         if setting.name.startswith("omniglot"):
-            transforms.append(RandomClassRotation(dataset, [0.0, 90.0, 180.0, 270.0]))
+            rotation = l2l.vision.transforms.RandomClassRotation
+            transforms.append(rotation(dataset, [0.0, 90.0, 180.0, 270.0]))
         taskset = l2l.data.Taskset(dataset, task_transforms=transforms, num_tasks=-1)
 
     def sinusoid_task():
