@@ -20,7 +20,7 @@ import torch
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from mamlrun import builders, checkpoints, console, plots
+from mamlrun import builders, checkpoints, console
 from mamlrun.config import EvalSettings, ImageDataset, validate
 from mamlrun.engine import Learn2LearnEngine
 from mamlrun.errors import UserError
@@ -155,6 +155,8 @@ def evaluate_and_report(
     console.print_table(title, columns, rows)
     tracker.log(headline(report), step=step)
     tracker.log_table("test/table", columns, rows, step=step)
+    from mamlrun import plots  # matplotlib (0.6 s) once there is a plot to draw
+
     tracker.log_images(plots.evaluation_plots(report, run_dir, engine, typed, device), step=step)
     return report
 

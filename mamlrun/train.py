@@ -19,7 +19,7 @@ import torch
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from mamlrun import builders, checkpoints, console, plots
+from mamlrun import builders, checkpoints, console
 from mamlrun.config import ConfigError, captures_cuda_graph, to_container, validate
 from mamlrun.evaluate import evaluate_and_report
 from mamlrun.loggers import MetricsFile, NullTracker, Tracker, WandbTracker, prefixed, read_metrics
@@ -214,6 +214,8 @@ def run_train(cfg: DictConfig) -> float:
         # train.iterations=0 trains nothing and logs nothing: the test evaluates the initialization
         rows = read_metrics(metrics.path) if metrics.path.exists() else []
         if rows:
+            from mamlrun import plots  # matplotlib (0.6 s) once there is a plot to draw
+
             curves = plots.learning_curves(rows, run_dir, metric)
             tracker.log_images([curves], step=loop.iterations)
         summary = [
