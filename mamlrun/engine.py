@@ -2,8 +2,8 @@
 
 `Learn2LearnEngine` is the reference implementation, written the way learn2learn's own MAML
 examples are: for each task of the meta-batch, `clone()` the meta-learner, `adapt()` on the support
-set, score the adapted clone on the query set and backpropagate. It is the only module that imports
-learn2learn's algorithms.
+set, score the adapted clone on the query set and backpropagate. `import_learn2learn` is the one
+place mamlrun imports learn2learn (on first use; the sampler, bench and downloader call it too).
 
 References:
     Finn, Abbeel & Levine, "Model-Agnostic Meta-Learning for Fast Adaptation of Deep Networks",
