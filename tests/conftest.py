@@ -12,7 +12,7 @@ import pytest
 import torch
 from torch import nn
 
-from mamlrun.models import BatchStatNorm
+from mamlrun.maml.models import BatchStatNorm
 
 # The installed console script, as users run it; `python -m mamlrun` where there is none (the
 # GPU machines install mamlrun into a target folder without scripts).

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from conftest import MAMLRUN, run_mamlrun
-from mamlrun.bench import ABLATION_EAGER, ABLATION_VMAP, CONTENDERS
+from mamlrun.analysis.bench import ABLATION_EAGER, ABLATION_VMAP, CONTENDERS
 
 ABLATION_BF16 = "mamlrun vmap, bf16 autocast"
 

@@ -72,7 +72,7 @@ def test_bad_input_exits_nonzero_with_a_readable_message(tmp_path, args, needle)
 def test_an_experiment_glob_expands_to_the_presets_in_their_folder():
     """Hydra's glob sees only conf/experiment/ itself, where there are no presets: the README's
     `mamlrun train -m 'experiment=glob(finn2017/omniglot_*)'` launched 0 jobs."""
-    from mamlrun.cli import _expand_experiment
+    from mamlrun.cli.hydra_app import _expand_experiment
 
     expanded = _expand_experiment("experiment=glob(finn2017/omniglot_*,exclude=*mlp*)")
     names = expanded.removeprefix("experiment=").split(",")

@@ -5,8 +5,9 @@ from importlib import resources
 
 import pytest
 
-from mamlrun.config import ConfigError, captures_cuda_graph, compose_config, validate
-from mamlrun.errors import UserError
+from mamlrun.config.compose import compose_config
+from mamlrun.config.validate import captures_cuda_graph, validate
+from mamlrun.errors import ConfigError, UserError
 
 GROUPS = ("dataset", "model", "algorithm", "hardware", "logger")
 

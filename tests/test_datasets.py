@@ -19,11 +19,13 @@ import pytest
 import torch
 from PIL import Image
 
-from mamlrun import datasets
-from mamlrun.datasets import (
-    download_file,
-    file_md5,
-    load_miniimagenet,
+from mamlrun.data import miniimagenet, omniglot
+from mamlrun.data.files import download_file, file_md5
+from mamlrun.data.miniimagenet import load_miniimagenet
+from mamlrun.data.omniglot import (
+    OMNIGLOT_MD5,
+    OMNIGLOT_SETS,
+    _OmniglotSet,
     load_omniglot,
     omniglot_splits,
 )
@@ -69,7 +71,7 @@ def _entries(name: str) -> dict[str, bytes]:
 def _write_zips(directory: Path, drop: str | None = None) -> Path:
     """Both synthetic archives in `directory` (entries in reverse order: loaders must sort)."""
     directory.mkdir(parents=True, exist_ok=True)
-    for name in datasets.OMNIGLOT_SETS:
+    for name in OMNIGLOT_SETS:
         with zipfile.ZipFile(directory / f"{name}.zip", "w") as archive:
             for member, data in reversed(_entries(name).items()):
                 if member != drop:
@@ -78,7 +80,7 @@ def _write_zips(directory: Path, drop: str | None = None) -> Path:
 
 
 def _extract(zips: Path, directory: Path) -> Path:
-    for name in datasets.OMNIGLOT_SETS:
+    for name in OMNIGLOT_SETS:
         with zipfile.ZipFile(zips / f"{name}.zip") as archive:
             archive.extractall(directory)
     return directory
@@ -135,7 +137,7 @@ def test_omniglot_cache_is_created_reused_and_keyed_by_source(zips, tmp_path, mo
         raise AssertionError("decoded an image although the cache holds the tensor")
 
     with monkeypatch.context() as patch:
-        patch.setattr(datasets._OmniglotSet, "read", no_decoding)
+        patch.setattr(_OmniglotSet, "read", no_decoding)
         assert torch.equal(_load(zips, cache).images, first.images)
     os.utime(zips / "images_evaluation.zip", ns=(1, 1))  # a changed source gets a new cache file
     _load(zips, cache)
@@ -194,7 +196,7 @@ def test_omniglot_incomplete_archive(tmp_path):
 
 def test_omniglot_md5_mismatch_only_warns(zips, tmp_path, monkeypatch):
     """With the official counts (patched to the synthetic ones) zips are md5-checked: warn, load."""
-    monkeypatch.setattr(datasets, "OMNIGLOT_COUNTS", COUNTS)
+    monkeypatch.setattr(omniglot, "OMNIGLOT_COUNTS", COUNTS)
     with pytest.warns(
         UserWarning, match=r"images_(background|evaluation)\.zip: md5 .* not the official"
     ):
@@ -216,9 +218,9 @@ def test_download_file_is_atomic_and_checks_md5(zips, tmp_path):
 
 
 def test_omniglot_download_when_missing(zips, tmp_path, monkeypatch):
-    monkeypatch.setattr(datasets, "OMNIGLOT_URL", f"{zips.resolve().as_uri()}/{{}}.zip")
-    md5 = {name: file_md5(zips / f"{name}.zip") for name in datasets.OMNIGLOT_SETS}
-    monkeypatch.setattr(datasets, "OMNIGLOT_MD5", md5)
+    monkeypatch.setattr(omniglot, "OMNIGLOT_URL", f"{zips.resolve().as_uri()}/{{}}.zip")
+    md5 = {name: file_md5(zips / f"{name}.zip") for name in OMNIGLOT_SETS}
+    monkeypatch.setattr(omniglot, "OMNIGLOT_MD5", md5)
     root = tmp_path / "empty"
     root.mkdir()
     data = _load(root, tmp_path / "cache", download=True)
@@ -268,8 +270,7 @@ def test_real_omniglot(real_omniglot):
 def test_real_omniglot_md5_mismatch_warns_and_cache_is_fast(real_omniglot):
     data, cache, _, messages = real_omniglot
     official = (
-        file_md5(REAL_OMNIGLOT / "images_background.zip")
-        == datasets.OMNIGLOT_MD5["images_background"]
+        file_md5(REAL_OMNIGLOT / "images_background.zip") == OMNIGLOT_MD5["images_background"]
     )
     assert official or any("md5" in m and "images_background.zip" in m for m in messages)
     start = time.perf_counter()
@@ -378,7 +379,7 @@ def test_miniimagenet_image_folder(tmp_path, monkeypatch):
         raise AssertionError("decoded an image although the cache holds the tensor")
 
     with monkeypatch.context() as patch:
-        patch.setattr(datasets.Image, "open", no_decoding)
+        patch.setattr(miniimagenet.Image, "open", no_decoding)
         again = load_miniimagenet(tmp_path / "data", "validation", cache_dir=tmp_path / "cache")
     assert torch.equal(again, images)
 

@@ -1,7 +1,7 @@
 """VmapEngine computes what Learn2LearnEngine computes, on the paper's models.
 
 VmapEngine has two ways of running a model on per-task parameters: the written-out layers of
-`mamlrun.task_batched` (used for the paper's models) and `torch.func.vmap` (any other model);
+`mamlrun.maml.task_batched` (used for the paper's models) and `torch.func.vmap` (any other model);
 both are compared with the reference.
 
 Both engines get identical tasks and identical initial parameters (deep copies of one model); their
@@ -23,11 +23,11 @@ import torch
 from torch import nn
 
 from conftest import cancelled_biases, relative_error
-from mamlrun.engine import Learn2LearnEngine
 from mamlrun.errors import UserError
-from mamlrun.models import conv4, mlp
-from mamlrun.tasks import TaskBatch
-from mamlrun.vmap_engine import VmapEngine
+from mamlrun.maml.batch import TaskBatch
+from mamlrun.maml.l2l_engine import Learn2LearnEngine
+from mamlrun.maml.models import conv4, mlp
+from mamlrun.maml.vmap_engine import VmapEngine
 
 TOLERANCE = {torch.float32: 1e-4, torch.float64: 1e-5}
 # Max-pooling routes each window's gradient to its largest value; when two values of a window
@@ -202,7 +202,7 @@ def test_model_vmap_cannot_batch_is_a_user_error():
 
 
 class _Scaled(nn.Module):
-    """A layer mamlrun.task_batched does not know: the model must go through vmap."""
+    """A layer mamlrun.maml.task_batched does not know: the model must go through vmap."""
 
     def forward(self, x):
         return 2 * x

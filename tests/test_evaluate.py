@@ -2,7 +2,7 @@ import math
 
 import torch
 
-from mamlrun.evaluate import headline, summarize, table_rows
+from mamlrun.run.evaluation import headline, summarize, table_rows
 
 
 def test_ci95_is_1_96_population_std_over_sqrt_n():

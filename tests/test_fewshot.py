@@ -12,9 +12,9 @@ import random
 import pytest
 import torch
 
+from mamlrun.data.fewshot import ClassificationTasks, TensorClassificationTasks
 from mamlrun.errors import UserError
-from mamlrun.fewshot import ClassificationTasks, TensorClassificationTasks
-from mamlrun.tasks import TaskBatch
+from mamlrun.maml.batch import TaskBatch
 
 CLASSES, PER_CLASS, SIZE = 12, 8, 5
 SPLIT = [1, 2, 4, 5, 7, 8, 10, 11]  # classes 0, 3, 6, 9 belong to another split

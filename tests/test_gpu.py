@@ -6,11 +6,11 @@ import pytest
 import torch
 
 from conftest import QUICK, cancelled_biases, read_jsonl, relative_error, run_mamlrun
-from mamlrun.engine import Learn2LearnEngine
-from mamlrun.fewshot import TensorClassificationTasks
-from mamlrun.meta_step import MetaStep, read_stats
-from mamlrun.models import conv4
-from mamlrun.tasks import TaskBatch
+from mamlrun.data.fewshot import TensorClassificationTasks
+from mamlrun.maml.batch import TaskBatch
+from mamlrun.maml.l2l_engine import Learn2LearnEngine
+from mamlrun.maml.models import conv4
+from mamlrun.maml.step import MetaStep, read_stats
 
 pytestmark = [
     pytest.mark.gpu,
@@ -38,7 +38,7 @@ def test_vmap_engine_matches_learn2learn_on_cuda(options):
     issue's 1e-5 as tests/test_engine_equivalence.py does on the CPU. In float32 this setting
     (the authors' std-1 head at initialisation, 1-shot batch norm) is too ill-conditioned for a
     check: on the CPU the two engines' float32 first-conv gradients differ by 1.3e-3 (norm)."""
-    from mamlrun.vmap_engine import VmapEngine
+    from mamlrun.maml.vmap_engine import VmapEngine
 
     images = torch.randint(0, 256, (40, 20, 28, 28), dtype=torch.uint8)
     sampler = TensorClassificationTasks(images, range(40), 5, 1, 1, rotations=True, device="cuda")
@@ -93,7 +93,7 @@ def test_cuda_graph_replays_the_eager_step(exact_float32, inner_steps, precision
     Two float32 computations that round differently (kernels chosen per stream) differ as much,
     and free-running twins drift apart (measured on an H200 with float32 twins: 2e-3 relative in
     the loss after two iterations; float32 per-element comparisons failed there)."""
-    from mamlrun.vmap_engine import VmapEngine
+    from mamlrun.maml.vmap_engine import VmapEngine
 
     bf16 = precision == "bf16"
     dtype = torch.float32 if bf16 else torch.float64

@@ -9,8 +9,8 @@ import pytest
 import torch
 from torch import nn
 
-from mamlrun.engine import Learn2LearnEngine
-from mamlrun.tasks import TaskBatch
+from mamlrun.maml.batch import TaskBatch
+from mamlrun.maml.l2l_engine import Learn2LearnEngine
 
 
 @pytest.fixture(autouse=True)

@@ -1,4 +1,4 @@
-"""The training step (`mamlrun.meta_step`): statistics left on the device until read, optimizer
+"""The training step (`mamlrun.maml.step`): statistics left on the device until read, optimizer
 state that survives a switch between captured (GPU) and eager (CPU) runs, and clear refusals.
 The CUDA-graph replay itself is checked against the eager step in tests/test_gpu.py."""
 
@@ -7,12 +7,12 @@ import copy
 import pytest
 import torch
 
-from mamlrun.engine import Learn2LearnEngine
+from mamlrun.data.sinusoid import SinusoidTasks
 from mamlrun.errors import UserError
-from mamlrun.meta_step import MetaStep, can_be_captured, read_stats, set_capturable
-from mamlrun.models import mlp
-from mamlrun.tasks import SinusoidTasks
-from mamlrun.vmap_engine import VmapEngine
+from mamlrun.maml.l2l_engine import Learn2LearnEngine
+from mamlrun.maml.models import mlp
+from mamlrun.maml.step import MetaStep, can_be_captured, read_stats, set_capturable
+from mamlrun.maml.vmap_engine import VmapEngine
 
 
 def _engine(seed: int = 0) -> VmapEngine:

@@ -13,21 +13,16 @@ import torch
 from hydra import compose, initialize_config_module
 
 from conftest import MAMLRUN, QUICK, run_mamlrun
-from mamlrun import builders
-from mamlrun.config import (
-    Algorithm,
-    ConfigError,
-    Hardware,
-    MLPModel,
-    SinusoidDataset,
-    validate,
-)
-from mamlrun.engine import Learn2LearnEngine
-from mamlrun.models import mlp
-from mamlrun.pretrain import PretrainEngine
-from mamlrun.reproduce import CUDA_TASKS_PER_SECOND, _duration
-from mamlrun.tasks import TaskBatch
-from mamlrun.vmap_engine import VmapEngine
+from mamlrun.analysis.reproduce import CUDA_TASKS_PER_SECOND, _duration
+from mamlrun.config.schema import Algorithm, Hardware, MLPModel, SinusoidDataset
+from mamlrun.config.validate import validate
+from mamlrun.errors import ConfigError
+from mamlrun.maml.batch import TaskBatch
+from mamlrun.maml.l2l_engine import Learn2LearnEngine
+from mamlrun.maml.models import mlp
+from mamlrun.maml.pretrain import PretrainEngine
+from mamlrun.maml.vmap_engine import VmapEngine
+from mamlrun.run.build import engine_for, meta_optimizer, model_for, task_sampler
 
 # A reproduce run in seconds: 14 of 70,000 iterations, 20 test tasks.
 TINY = [
@@ -44,11 +39,11 @@ TINY = [
 def test_pretrain_engine_fits_all_tasks_and_adapts_exactly_like_maml(engine_name):
     dataset = SinusoidDataset()
     torch.manual_seed(0)
-    model = builders.model_for(MLPModel(), dataset)
+    model = model_for(MLPModel(), dataset)
     algorithm = Algorithm(name="pretrain", inner_steps=0, engine=engine_name)
-    engine = builders.engine_for(model, algorithm, dataset, Hardware())
+    engine = engine_for(model, algorithm, dataset, Hardware())
     assert isinstance(engine, PretrainEngine)
-    tasks = builders.task_sampler(dataset, "train", seed=0)
+    tasks = task_sampler(dataset, "train", seed=0)
 
     # The gradient is that of plain MSE on every point (support and query) of every task.
     batch = tasks.sample(5)
@@ -64,9 +59,9 @@ def test_pretrain_engine_fits_all_tasks_and_adapts_exactly_like_maml(engine_name
     assert stats["loss_pre"] == stats["loss_post"] == stats["metric_post"]
 
     # Its supervised loss falls (measured on fixed held-out tasks: batches are noisy).
-    held_out = builders.task_sampler(dataset, "val", seed=2).sample(200)
+    held_out = task_sampler(dataset, "val", seed=2).sample(200)
     before = engine.adaptation_curve(held_out, 0)["mse"].mean()
-    optimizer = builders.meta_optimizer(model, Algorithm(meta_lr=0.003))
+    optimizer = meta_optimizer(model, Algorithm(meta_lr=0.003))
     for _ in range(150):
         optimizer.zero_grad()
         engine.meta_backward(tasks.sample(25), inner_steps=0)
@@ -75,10 +70,8 @@ def test_pretrain_engine_fits_all_tasks_and_adapts_exactly_like_maml(engine_name
     assert after < 0.9 * before, (before, after)
 
     # At test time it is MAML: same fine-tuning steps, same numbers.
-    maml = builders.engine_for(
-        model, Algorithm(name="maml", engine=engine_name), dataset, Hardware()
-    )
-    test = builders.task_sampler(dataset, "test", seed=1, shots=5).sample(4)
+    maml = engine_for(model, Algorithm(name="maml", engine=engine_name), dataset, Hardware())
+    test = task_sampler(dataset, "test", seed=1, shots=5).sample(4)
     ours, theirs = engine.adaptation_curve(test, 3), maml.adaptation_curve(test, 3)
     assert torch.equal(ours["mse"], theirs["mse"])
     assert not torch.equal(ours["mse"][:, 3], ours["mse"][:, 0]), "fine-tuning must change it"

@@ -1,4 +1,4 @@
-"""The hand-written derivatives of mamlrun.second_order_ops equal PyTorch's.
+"""The hand-written derivatives of mamlrun.maml.second_order equal PyTorch's.
 
 Two independent checks: finite differences (`gradcheck` for the first derivative, `gradgradcheck`
 for the second, which is what second-order MAML uses), and the values and first and second
@@ -13,7 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mamlrun.second_order_ops import (
+from mamlrun.maml.second_order import (
     EAGER_KERNELS,
     batch_norm_relu,
     compiled_kernels,
@@ -21,7 +21,7 @@ from mamlrun.second_order_ops import (
 )
 
 # (x shape, reduced dims, bias shape): the folded conv layout [N, T*C, H, W] and the task layout
-# [T, N, C] of fully connected layers, as mamlrun.task_batched calls them.
+# [T, N, C] of fully connected layers, as mamlrun.maml.task_batched calls them.
 NORM_LAYOUTS = {
     "conv": ((4, 6, 5, 5), (0, 2, 3), (1, 6, 1, 1)),
     "dense": ((3, 7, 4), (1,), (3, 1, 4)),
@@ -183,7 +183,7 @@ def test_compiled_kernels_match_eager_and_fall_back_when_compiling_fails(tmp_pat
     process and cache), training goes on with the eager formulas after one warning."""
     script = """
 import warnings, torch
-from mamlrun.second_order_ops import EAGER_KERNELS, compiled_kernels
+from mamlrun.maml.second_order import EAGER_KERNELS, compiled_kernels
 x, bias = torch.randn(4, 6, 5, 5), torch.randn(1, 6, 1, 1)
 with warnings.catch_warnings(record=True) as caught:
     warnings.simplefilter("always")

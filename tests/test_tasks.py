@@ -3,8 +3,8 @@ import math
 import pytest
 import torch
 
+from mamlrun.data.sinusoid import SinusoidTasks
 from mamlrun.errors import UserError
-from mamlrun.tasks import SinusoidTasks
 
 
 def test_sinusoid_tasks_follow_the_paper_distribution():

@@ -5,9 +5,9 @@ import json
 import pytest
 import torch
 from PIL import Image
+from wandb_offline import read_wandb_offline
 
 from conftest import QUICK, read_jsonl, run_mamlrun
-from mamlrun.loggers import read_wandb_offline
 
 ITERATIONS = 500
 

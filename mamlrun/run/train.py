@@ -19,11 +19,38 @@ import torch
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from mamlrun import builders, checkpoints, console
-from mamlrun.config import ConfigError, captures_cuda_graph, to_container, validate
-from mamlrun.evaluate import evaluate_and_report
-from mamlrun.loggers import MetricsFile, NullTracker, Tracker, WandbTracker, prefixed, read_metrics
-from mamlrun.meta_step import MetaStep, read_stats
+from mamlrun import console
+from mamlrun.config.compose import to_container
+from mamlrun.config.validate import captures_cuda_graph, validate
+from mamlrun.errors import ConfigError
+from mamlrun.maml.step import MetaStep, read_stats
+from mamlrun.run.build import (
+    VALIDATION_SEED_OFFSET,
+    engine_for,
+    meta_optimizer,
+    model_for,
+    task_sampler,
+)
+from mamlrun.run.evaluation import evaluate_and_report
+from mamlrun.run.plots import learning_curves
+from mamlrun.run.rundir import (
+    CHECKPOINT_DIR,
+    load,
+    resolve,
+    rng_state,
+    run_dir_of,
+    save,
+    set_rng_state,
+)
+from mamlrun.run.runtime import seed_everything, select_device
+from mamlrun.run.tracking import (
+    MetricsFile,
+    NullTracker,
+    Tracker,
+    WandbTracker,
+    prefixed,
+    read_metrics,
+)
 
 # Keys a resumed run takes from the command line; everything else comes from the checkpoint.
 RESUMABLE_SECTIONS = ("train", "eval", "hardware", "logger", "print_config", "resume", "task_name")
@@ -100,28 +127,28 @@ def run_train(cfg: DictConfig) -> float:
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     payload: dict[str, Any] | None = None
     if typed["resume"]:
-        resume_from = checkpoints.resolve(typed["resume"], prefer="last.pt")
-        payload = checkpoints.load(resume_from)
+        resume_from = resolve(typed["resume"], prefer="last.pt")
+        payload = load(resume_from)
         cfg = _resumed_config(cfg, payload["config"])
         typed = validate(cfg)
-        run_dir = checkpoints.run_dir_of(resume_from)
+        run_dir = run_dir_of(resume_from)
     config = to_container(cfg)
     config.pop("hydra", None)
     dataset, algorithm, loop = typed["dataset"], typed["algorithm"], typed["train"]
     hardware = typed["hardware"]
 
-    device = builders.select_device(hardware)
-    builders.seed_everything(typed["seed"])
+    device = select_device(hardware)
+    seed_everything(typed["seed"])
     if typed["print_config"]:
         console.print_config_tree(config, title=f"mamlrun train → {run_dir}")
-    model = builders.model_for(typed["model"], dataset).to(device)
-    engine = builders.engine_for(model, algorithm, dataset, hardware)
-    optimizer = builders.meta_optimizer(model, algorithm)
+    model = model_for(typed["model"], dataset).to(device)
+    engine = engine_for(model, algorithm, dataset, hardware)
+    optimizer = meta_optimizer(model, algorithm)
     params = sum(p.numel() for p in model.parameters())
     console.info(f"model <{typed['model'].name}> with {params:,} parameters on {device}")
-    train_tasks = builders.task_sampler(dataset, "train", seed=typed["seed"], device=device)
-    val_seed = typed["eval"].seed + builders.VALIDATION_SEED_OFFSET
-    val_sampler = builders.task_sampler(dataset, "val", seed=val_seed)
+    train_tasks = task_sampler(dataset, "train", seed=typed["seed"], device=device)
+    val_seed = typed["eval"].seed + VALIDATION_SEED_OFFSET
+    val_sampler = task_sampler(dataset, "val", seed=val_seed)
     val_batch = val_sampler.sample(loop.val_tasks).to(device)
 
     start, best, window = 0, None, []
@@ -129,7 +156,7 @@ def run_train(cfg: DictConfig) -> float:
         model.load_state_dict(payload["model"])
         optimizer.load_state_dict(payload["optimizer"])
         train_tasks.load_state_dict(payload["sampler"])
-        checkpoints.set_rng_state(payload["rng"])
+        set_rng_state(payload["rng"])
         start, best, window = payload["iteration"], payload["best"], payload["window"]
         console.info(f"resuming {run_dir} from iteration {start}")
     # after loading the optimizer's state: the step may switch on its `capturable` option
@@ -146,13 +173,13 @@ def run_train(cfg: DictConfig) -> float:
     sign = 1.0 if engine.higher_is_better else -1.0
 
     def checkpoint(name: str, iteration: int) -> None:
-        checkpoints.save(
-            run_dir / checkpoints.CHECKPOINT_DIR / name,
+        save(
+            run_dir / CHECKPOINT_DIR / name,
             {
                 "model": model.state_dict(),
                 "optimizer": optimizer.state_dict(),
                 "sampler": train_tasks.state_dict(),
-                "rng": checkpoints.rng_state(),
+                "rng": rng_state(),
                 "iteration": iteration,
                 "best": best,
                 "window": read_stats(window),
@@ -214,9 +241,7 @@ def run_train(cfg: DictConfig) -> float:
         # train.iterations=0 trains nothing and logs nothing: the test evaluates the initialization
         rows = read_metrics(metrics.path) if metrics.path.exists() else []
         if rows:
-            from mamlrun import plots  # matplotlib (0.6 s) once there is a plot to draw
-
-            curves = plots.learning_curves(rows, run_dir, metric)
+            curves = learning_curves(rows, run_dir, metric)
             tracker.log_images([curves], step=loop.iterations)
         summary = [
             ["iterations", f"{loop.iterations:,} ({loop.iterations - start:,} this session)"],
@@ -239,9 +264,9 @@ def run_train(cfg: DictConfig) -> float:
             )
         console.print_table(f"Training summary: {run_dir}", ["", "value"], summary)
         if loop.eval_at_end:
-            best_path = run_dir / checkpoints.CHECKPOINT_DIR / "best.pt"
+            best_path = run_dir / CHECKPOINT_DIR / "best.pt"
             if best_path.exists():
-                model.load_state_dict(checkpoints.load(best_path)["model"])
+                model.load_state_dict(load(best_path)["model"])
             best_iteration = (best or {}).get("iteration", 0)
             evaluate_and_report(
                 engine, typed, device, run_dir, tracker, best_path, best_iteration, loop.iterations

@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from mamlrun.tasks import TaskBatch
+from mamlrun.maml.batch import TaskBatch
 
 
 class PretrainEngine:

@@ -42,20 +42,22 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from mamlrun import builders, console
-from mamlrun.config import DEVICE_PATTERN, Hardware, hardware_defaults
-from mamlrun.engine import Learn2LearnEngine, import_learn2learn
+from mamlrun import console
+from mamlrun.config.schema import DEVICE_PATTERN, Hardware
+from mamlrun.config.validate import hardware_defaults
+from mamlrun.data.fewshot import TensorClassificationTasks
+from mamlrun.data.sinusoid import SinusoidTasks
 from mamlrun.errors import UserError
-from mamlrun.fewshot import TensorClassificationTasks
-from mamlrun.meta_step import WARMUP_STEPS, MetaStep
-from mamlrun.models import conv4, mlp
-from mamlrun.tasks import SinusoidTasks
+from mamlrun.maml.l2l_engine import Learn2LearnEngine, import_learn2learn
+from mamlrun.maml.models import conv4, mlp
+from mamlrun.maml.step import WARMUP_STEPS, MetaStep
+from mamlrun.run.runtime import select_device, set_cuda_precision
 
 T = TypeVar("T")
 
 _DOC_HEADER = """# Benchmarks
 
-Meta-training throughput, written by `mamlrun bench` (see `mamlrun/bench.py` for what each
+Meta-training throughput, written by `mamlrun bench` (see `mamlrun/analysis/bench.py` for what each
 contender runs). Ratios are to the plain learn2learn loop measured in the same process.
 """
 
@@ -120,7 +122,7 @@ def _images(
     generator = torch.Generator().manual_seed(0)
     if setting.name.startswith("omniglot"):
         if omniglot_root is not None:
-            from mamlrun.datasets import load_omniglot, omniglot_splits
+            from mamlrun.data.omniglot import load_omniglot, omniglot_splits
 
             try:
                 data = load_omniglot(omniglot_root)
@@ -223,7 +225,7 @@ def _mamlrun_step(setting: Setting, images, device, vmap: VmapOptions | None) ->
     model = _model(setting).to(device)
     task_type = "regression" if setting.ways == 0 else "classification"
     if vmap is not None:
-        from mamlrun.vmap_engine import VmapEngine
+        from mamlrun.maml.vmap_engine import VmapEngine
 
         engine = VmapEngine(
             model,
@@ -360,7 +362,7 @@ def run_bench(args: list[str]) -> None:
     for name in names:
         if name not in SETTINGS:
             raise UserError(f"settings={name}: unknown (choose from {', '.join(SETTINGS)})")
-    device = builders.select_device(
+    device = select_device(
         Hardware(
             name="bench",
             device=options["device"],
@@ -414,7 +416,7 @@ def run_bench(args: list[str]) -> None:
 
         def use_precision(contender: str) -> None:  # a process-wide switch, set per contender
             if on_cuda:
-                builders.set_cuda_precision(variants.get(contender, default).precision)
+                set_cuda_precision(variants.get(contender, default).precision)
 
         # warm-up: allocator, caches, lazy initialisation, compiling, CUDA graph capture
         for _ in range(WARMUP_STEPS + 2 if on_cuda else 1):

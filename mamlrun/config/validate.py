@@ -1,312 +1,38 @@
-"""Typed schemas for every config group, and `validate(cfg)`, run before any work starts.
+"""`validate(cfg)`: the composed config checked, before any work starts, into typed sections.
 
-Hydra composes plain YAML (struct mode already refuses `sed=3`); this module then checks the
-composed config against dataclass schemas, so a wrong type, an unknown key added with `+key=...`,
-a negative learning rate or an impossible task shape fails in one line that names the key, before
-data is loaded or a run directory is filled. Each group's `name:` picks its schema from a registry,
-so adding a dataset, model or algorithm means adding a dataclass here and a YAML file in conf/.
+A wrong type, an unknown key added with `+key=...`, a negative learning rate or an impossible task
+shape fails in one line that names the key, before data is loaded or a run directory is filled.
 """
 
 from __future__ import annotations
 
-import importlib.util
 import inspect
-import re
-from dataclasses import dataclass, field
-from importlib import resources
-from pathlib import Path
 from typing import Any
 
 import hydra.utils
-from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from mamlrun.errors import UserError
-
-
-class ConfigError(UserError):
-    """A config value mamlrun cannot run with. The message names the key and the fix."""
-
-
-# ----------------------------------------------------------------------------------- schemas
-
-
-@dataclass
-class SinusoidDataset:
-    name: str = "sinusoid"
-    amplitude: list[float] = field(default_factory=lambda: [0.1, 5.0])
-    phase: list[float] = field(default_factory=lambda: [0.0, 3.141592653589793])
-    x_range: list[float] = field(default_factory=lambda: [-5.0, 5.0])
-    shots: int = 10
-    query_shots: int = 10
-    eval_shots: list[int] = field(default_factory=lambda: [5, 10, 20])
-    eval_query_points: int = 100
-
-
-@dataclass
-class ImageDataset:
-    """Omniglot and miniImageNet: N-way K-shot classification on in-memory images."""
-
-    name: str = "omniglot"
-    root: str = "~/.cache/mamlrun/data"
-    download: bool = False
-    ways: int = 5
-    shots: int = 1
-    query_shots: int | None = None
-    test_query_shots: int | None = None
-    rotations: bool = True
-    split_seed: int = 1
-    image_size: int = 28
-    sampler: str = "tensor"
-
-    @property
-    def train_query_shots(self) -> int:
-        return self.shots if self.query_shots is None else self.query_shots
-
-    @property
-    def eval_query_shots(self) -> int:
-        return self.shots if self.test_query_shots is None else self.test_query_shots
-
-
-# Classes per split and images per class, known before any file is read, so impossible task
-# shapes fail before training starts (paper protocol; see mamlrun/datasets.py).
-SPLIT_CLASSES = {
-    "omniglot": {"train": 1100, "validation": 100, "test": 423},
-    "miniimagenet": {"train": 64, "validation": 16, "test": 20},
-}
-IMAGES_PER_CLASS = {"omniglot": 20, "miniimagenet": 600}
-IMAGE_SIZES = {"omniglot": 28, "miniimagenet": 84}
-
-
-@dataclass
-class MLPModel:
-    name: str = "mlp"
-    hidden: list[int] = field(default_factory=lambda: [40, 40])
-    activation: str = "relu"
-    init: str = "authors"
-    batch_norm: bool = False
-
-
-@dataclass
-class Conv4Model:
-    name: str = "conv4"
-    filters: int = 64
-    pooling: str = "stride"
-    head: str = "mean"
-    init: str = "authors"
-    head_init: str = "normal"
-
-
-@dataclass
-class TargetModel:
-    """Any `nn.Module` named by `_target_` (model-agnostic): its other keys are its arguments."""
-
-    spec: dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def name(self) -> str:
-        return self.spec["_target_"]
-
-
-@dataclass
-class Algorithm:
-    name: str = "maml"
-    inner_lr: float = 0.01
-    inner_steps: int = 1
-    test_inner_steps: int = 10
-    first_order: bool = False
-    meta_batch_size: int = 25
-    meta_lr: float = 0.001
-    meta_optimizer: dict[str, Any] = field(
-        default_factory=lambda: {"_target_": "torch.optim.Adam", "_partial_": True}
-    )
-    grad_clip: float | None = None
-    engine: str = "vmap"
-
-
-ENGINES = ("vmap", "learn2learn")
-PRECISIONS = ("fp32", "tf32", "bf16")
-
-
-@dataclass
-class Hardware:
-    name: str = "cpu"
-    device: str = "cpu"
-    threads: int = 0  # 0: all cores
-    deterministic: bool = True
-    compile: bool = False  # torch.compile the vmap engine's batch-norm kernels
-    precision: str = "fp32"  # fp32; tf32 (CUDA); bf16 (autocast of the training steps)
-    # replay the vmap engine's meta-training step as a CUDA graph: true, false, or auto (where
-    # the step can be captured: a CUDA device and the vmap engine's MAML or FOMAML)
-    cuda_graphs: bool | str = "auto"
-
-
-@dataclass
-class WandbLogger:
-    name: str = "wandb"
-    mode: str = "offline"
-    project: str = "mamlrun"
-    entity: str | None = None
-    group: str | None = None
-    run_name: str | None = None
-    tags: list[str] = field(default_factory=list)
-
-
-@dataclass
-class NoLogger:
-    name: str = "none"
-
-
-@dataclass
-class TrainLoop:
-    iterations: int = 70000
-    log_every: int = 100
-    val_every: int = 1000
-    val_tasks: int = 100
-    checkpoint_every: int = 1000
-    eval_at_end: bool = True
-
-
-@dataclass
-class PaperReference:
-    """The paper's number a preset reproduces (accuracy as a fraction; MSE as listed)."""
-
-    table: str = ""
-    cell: str = ""
-    metric: str = "acc"
-    value: Any = None
-    ci95: Any = None
-    steps: Any = None
-
-
-@dataclass
-class EvalSettings:
-    tasks: int = 600
-    seed: int = 1234
-    plot_tasks: int = 3
-    inner_steps: int | None = None
-    shots: list[int] | None = None
-
-
-DATASETS: dict[str, type] = {
-    "sinusoid": SinusoidDataset,
-    "omniglot": ImageDataset,
-    "miniimagenet": ImageDataset,
-}
-MODELS: dict[str, type] = {"mlp": MLPModel, "conv4": Conv4Model}
-ALGORITHMS: dict[str, type] = {"maml": Algorithm, "fomaml": Algorithm, "pretrain": Algorithm}
-HARDWARE: dict[str, type] = {"cpu": Hardware, "cuda": Hardware}
-LOGGERS: dict[str, type] = {"wandb": WandbLogger, "none": NoLogger}
-
-GROUPS: dict[str, dict[str, type]] = {
-    "dataset": DATASETS,
-    "model": MODELS,
-    "algorithm": ALGORITHMS,
-    "hardware": HARDWARE,
-    "logger": LOGGERS,
-}
-# Top-level keys of each primary config, besides the groups and Hydra's own node.
-TOP_LEVEL: dict[str, dict[str, Any]] = {
-    "train": {
-        "task_name": str,
-        "seed": int,
-        "resume": (str, type(None)),
-        "print_config": bool,
-        "budget": (float, int),
-        "paper": PaperReference,
-        "train": TrainLoop,
-        "eval": EvalSettings,
-    },
-    "eval": {
-        "task_name": str,
-        "seed": int,
-        "checkpoint": str,
-        "data_root": (str, type(None)),
-        "print_config": bool,
-        "eval": EvalSettings,
-    },
-}
-
-
-# -------------------------------------------------------------------------------- validation
-
-
-# The checkout's configs, used when mamlrun runs from a source tree that is not installed.
-SOURCE_CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
-
-
-# The devices mamlrun trains on (`hardware.device`, `mamlrun bench device=`).
-DEVICE_PATTERN = re.compile(r"cpu|cuda(:\d+)?")
-
-
-def configs_installed() -> bool:
-    """Whether the configs are installed as the `mamlrun.conf` package."""
-    return importlib.util.find_spec("mamlrun.conf") is not None
-
-
-def compose_config(overrides: list[str], config_name: str = "train") -> DictConfig:
-    """The `train` (or `eval`) config with `overrides`, composed as `mamlrun train` composes it,
-    outside a Hydra app (`mamlrun data`, `mamlrun reproduce`, tests).
-
-    Raises:
-        UserError: Hydra's or OmegaConf's complaint (an unknown key, group option or value, an
-            override that does not parse), in one line.
-    """
-    from hydra import compose, initialize_config_dir, initialize_config_module
-    from hydra.errors import HydraException
-
-    if configs_installed():
-        context = initialize_config_module("mamlrun.conf", version_base="1.3")
-    else:
-        context = initialize_config_dir(str(SOURCE_CONF_DIR), version_base="1.3")
-    try:
-        with context:
-            return compose(config_name, overrides)
-    except (HydraException, OmegaConfBaseException) as err:
-        raise UserError(error_line(err)) from None
-
-
-def error_line(err: Exception) -> str:
-    """An exception's multi-line message as one line that still says what is wrong: its first
-    line (with the next where the first ends in ":"), and for Hydra's complaint about an unknown
-    group option the group's choices."""
-    text = str(err).strip()
-    hint = ""
-    if "Available options" in text:  # an unknown group option: Hydra lists the group's
-        listing = text.split("Available options", 1)[1].split("Config search path")[0]
-        hint = f" (choose from {', '.join(listing.split()[2:])})"  # after "in 'group':"
-    elif text.startswith("Could not override"):
-        hint = " (no such key; `mamlrun train --cfg job` or `mamlrun eval --cfg job` lists them)"
-    lines = [line.strip() for line in text.splitlines() if line.strip()]
-    first = lines[0]
-    if first.endswith(":") and len(lines) > 1:  # "Error in call to target 'x':" + the cause
-        first = f"{first} {lines[1]}"
-    return first.rstrip(".") + hint
-
-
-def _shipped_configs():
-    """The folder of the shipped configs: the installed `mamlrun.conf`, or the checkout's."""
-    return resources.files("mamlrun.conf") if configs_installed() else SOURCE_CONF_DIR
-
-
-def experiment_presets() -> list[str]:
-    """The experiment presets, named as `experiment=` takes them (`finn2017/omniglot_5w1s`).
-
-    Hydra's own `glob()` and its list of choices see only a group's top folder, and the presets
-    live one folder down (`conf/experiment/finn2017/`): `mamlrun train` expands and checks
-    `experiment=` values against this list instead (`mamlrun.cli`)."""
-    root = _shipped_configs() / "experiment"
-
-    def walk(folder, prefix: str) -> list[str]:
-        names = []
-        for entry in folder.iterdir():
-            if entry.is_dir() and not entry.name.startswith(("_", ".")):
-                names += walk(entry, f"{prefix}{entry.name}/")
-            elif entry.name.endswith(".yaml"):
-                names.append(prefix + entry.name.removesuffix(".yaml"))
-        return names
-
-    return sorted(walk(root, "")) if root.is_dir() else []
+from mamlrun.config.compose import _shipped_configs
+from mamlrun.config.schema import (
+    DEVICE_PATTERN,
+    ENGINES,
+    GROUPS,
+    PRECISIONS,
+    TOP_LEVEL,
+    Algorithm,
+    Conv4Model,
+    EvalSettings,
+    Hardware,
+    ImageDataset,
+    MLPModel,
+    SinusoidDataset,
+    TargetModel,
+    TrainLoop,
+    WandbLogger,
+)
+from mamlrun.data.facts import IMAGE_SIZES, IMAGES_PER_CLASS, SPLIT_CLASSES
+from mamlrun.errors import ConfigError
 
 
 def hardware_defaults(device_type: str) -> Hardware:
@@ -558,7 +284,7 @@ def _capture_obstacle(algorithm: Algorithm) -> str | None:
     every task, nor pretraining) with an optimizer whose step can run in a graph."""
     if algorithm.engine != "vmap" or algorithm.name == "pretrain":
         return "only the vmap engine's MAML step can be captured: use algorithm.engine=vmap"
-    from mamlrun.meta_step import can_be_captured
+    from mamlrun.maml.step import can_be_captured
 
     if not can_be_captured(_throwaway_optimizer(algorithm.meta_optimizer, algorithm.meta_lr)):
         return (
@@ -669,8 +395,3 @@ def _throwaway_optimizer(spec: dict[str, Any], lr: float) -> Any:
 def _optimizer_options(spec: dict[str, Any]) -> dict[str, Any]:
     """The optimizer's own keyword arguments: the spec without Hydra's `_target_`/`_partial_`."""
     return {k: v for k, v in spec.items() if not k.startswith("_")}
-
-
-def to_container(cfg: DictConfig | ListConfig) -> Any:
-    """The resolved config as plain Python (for checkpoints, metrics and wandb)."""
-    return OmegaConf.to_container(cfg, resolve=True)

@@ -12,8 +12,8 @@ matplotlib.use("Agg")  # no display on training machines
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
-from mamlrun import builders  # noqa: E402
-from mamlrun.config import SinusoidDataset  # noqa: E402
+from mamlrun.config.schema import SinusoidDataset
+from mamlrun.run.build import task_sampler
 
 FIT_STEPS = (0, 1, 10)  # predictions shown in the sinusoid fit plot
 FIT_SHOTS = (5, 10)
@@ -67,7 +67,7 @@ def sinusoid_fits(
     fig, axes = plt.subplots(len(FIT_SHOTS), count, figsize=(4 * count, 3.2 * len(FIT_SHOTS)))
     axes = [[axes]] if count == 1 and len(FIT_SHOTS) == 1 else axes
     for row, shots in enumerate(FIT_SHOTS):
-        batch = builders.task_sampler(dataset, "test", seed=seed, shots=shots).sample(count)
+        batch = task_sampler(dataset, "test", seed=seed, shots=shots).sample(count)
         for col in range(count):
             ax = axes[row][col] if count > 1 else axes[row]
             support_x, support_y = (t[col].to(device) for t in (batch.support_x, batch.support_y))

@@ -16,26 +16,16 @@ writes its tables with the same functions.
 
 from __future__ import annotations
 
-import argparse
 import csv
-import json
 import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from mamlrun import console
-from mamlrun.errors import UserError
-
-# A run's status, from the files it left.
-FINISHED = "finished"
-NOT_EVALUATED = "not evaluated"  # trained to the end, no eval.json (e.g. train.eval_at_end=false)
-UNFINISHED = "unfinished"  # a checkpoint before the last iteration: `mamlrun train resume=<dir>`
-FAILED = "failed"  # neither a checkpoint nor eval.json: the job raised (or has just started)
-NOT_RUN = "not run"  # the directory does not exist
+from mamlrun.analysis.runs import FAILED, FINISHED, NOT_EVALUATED, NOT_RUN, UNFINISHED, Run  # noqa: F401
+from mamlrun.run.plots import adaptation_comparison
 
 COMPARISON_COLUMNS = [
     "preset",
@@ -49,141 +39,6 @@ COMPARISON_COLUMNS = [
     "iterations",
     "status",
 ]
-
-
-@dataclass
-class Run:
-    """What one run directory holds."""
-
-    path: Path
-    status: str
-    config: dict[str, Any]
-    overrides: list[str]
-    iteration: int | None = None  # of the last checkpoint
-    iterations: int | None = None  # planned, after `budget`
-    evaluation: dict[str, Any] | None = None  # eval.json
-    val: dict[str, Any] | None = None  # the last validation row of metrics.jsonl
-    seconds: float | None = None
-
-    @property
-    def preset(self) -> str:
-        """The experiment preset (`finn2017/omniglot_5w1s`), else the directory name."""
-        for override in self.overrides:
-            if override.startswith("experiment="):
-                return override.split("=", 1)[1]
-        return self.path.name
-
-    @property
-    def metric(self) -> str:
-        if self.evaluation:
-            return self.evaluation["metric"]
-        return "mse" if self.config.get("dataset", {}).get("name") == "sinusoid" else "acc"
-
-
-def is_run_dir(path: Path) -> bool:
-    return any((path / name).exists() for name in (".hydra", "eval.json", "checkpoints"))
-
-
-def _natural(name: str) -> tuple[bool, int, str]:
-    return (not name.isdigit(), int(name) if name.isdigit() else 0, name)
-
-
-def find_runs(paths: list[Path]) -> list[Path]:
-    """Run directories among `paths`, or below them (a multirun sweep); hidden folders skipped."""
-    found: list[Path] = []
-    for path in paths:
-        if not path.is_dir():
-            raise UserError(f"{path}: no such directory")
-        if is_run_dir(path):
-            found.append(path)
-            continue
-        for root, dirs, _ in os.walk(path):
-            # Hydra's job folders 0, 1, ..., 10 in numeric order; hidden ones (.replaced) skipped.
-            dirs[:] = sorted((d for d in dirs if not d.startswith(".")), key=_natural)
-            if is_run_dir(Path(root)) and Path(root) != path:
-                found.append(Path(root))
-                dirs[:] = []  # a run's own subfolders (checkpoints, wandb) hold no runs
-    return found
-
-
-def _planned_iterations(config: dict[str, Any]) -> int | None:
-    """`train.iterations` after `budget`, computed by the same validation a run uses."""
-    from omegaconf import OmegaConf
-
-    from mamlrun.config import validate
-
-    try:
-        return validate(OmegaConf.create(config))["train"].iterations
-    except Exception:  # noqa: BLE001 - another mamlrun version's config, or a refused one
-        planned = (config.get("train") or {}).get("iterations")
-        return planned if isinstance(planned, int) else None
-
-
-def _last_val(path: Path) -> dict[str, Any] | None:
-    metrics = path / "metrics.jsonl"
-    if not metrics.is_file():
-        return None
-    rows = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
-    val = [r for r in rows if r.get("split") == "val"]
-    return val[-1] if val else None
-
-
-def _wall_seconds(path: Path) -> float | None:
-    """From the run's first file (.hydra/config.yaml) to its last write: includes any pause
-    between an interruption and `resume=`, so it is approximate."""
-    start = path / ".hydra" / "config.yaml"
-    ends = [path / n for n in ("eval.json", "metrics.jsonl", "checkpoints/last.pt")]
-    ends = [p.stat().st_mtime for p in ends if p.exists()]
-    if not start.exists() or not ends:
-        return None
-    return max(0.0, max(ends) - start.stat().st_mtime)
-
-
-def load_run(path: Path) -> Run:
-    """Read a run directory; a missing one is a run with status `not run`."""
-    path = path.resolve()
-    if not path.is_dir():
-        return Run(path, NOT_RUN, {}, [])
-    overrides_file = path / ".hydra" / "overrides.yaml"
-    overrides = (
-        (yaml.safe_load(overrides_file.read_text()) or []) if overrides_file.exists() else []
-    )
-    config: dict[str, Any] = {}
-    iteration = None
-    last = path / "checkpoints" / "last.pt"
-    if last.is_file():
-        from mamlrun import checkpoints
-
-        try:
-            payload = checkpoints.load(last)
-            config, iteration = payload["config"], payload["iteration"]
-        except UserError:
-            pass  # a truncated checkpoint: the run is treated as if it had none
-    if not config and (path / ".hydra" / "config.yaml").exists():
-        config = yaml.safe_load((path / ".hydra" / "config.yaml").read_text()) or {}
-    evaluation = None
-    if (path / "eval.json").is_file():
-        evaluation = json.loads((path / "eval.json").read_text())
-    iterations = _planned_iterations(config) if config else None
-    if evaluation is not None:
-        status = FINISHED
-    elif iteration is None:
-        status = FAILED
-    elif iterations is not None and iteration < iterations:
-        status = UNFINISHED
-    else:
-        status = NOT_EVALUATED
-    return Run(
-        path,
-        status,
-        config,
-        list(overrides),
-        iteration,
-        iterations,
-        evaluation,
-        _last_val(path),
-        _wall_seconds(path),
-    )
 
 
 # ------------------------------------------------------------------------------------- format
@@ -536,7 +391,6 @@ def write_tables(tables: Tables, runs: list[Run], out: Path, title: str) -> list
 
 def _sinusoid_plot(runs: list[Run], out: Path) -> Path | None:
     """Figure 3 of the paper: K=5 test MSE against gradient steps, each sinusoid preset."""
-    from mamlrun import plots
 
     curves, references = {}, {}
     for run in runs:
@@ -553,35 +407,4 @@ def _sinusoid_plot(runs: list[Run], out: Path) -> Path | None:
     title = "sinusoid, K=5 (paper Figure 3)"
     if budgets != [1.0]:
         title += f", budget {', '.join(f'{b:g}' for b in budgets)}"
-    return plots.adaptation_comparison(
-        curves, references, "mse", title, out / "sinusoid_k5_steps.png"
-    )
-
-
-def run_report(args: list[str]) -> list[Path]:
-    """`mamlrun report PATH... [--out DIR]`: print the tables; with --out, also write them."""
-    parser = argparse.ArgumentParser(
-        prog="mamlrun report",
-        description="Tables from finished runs: paper vs mamlrun for presets, results for sweeps.",
-    )
-    parser.add_argument("paths", nargs="+", type=Path, help="a multirun directory or run dirs")
-    parser.add_argument("--out", type=Path, help="also write the tables (Markdown, CSV) here")
-    options = parser.parse_args(args)
-    runs = [load_run(p) for p in find_runs(options.paths)]
-    if not runs:
-        raise UserError(
-            f"no run directories (.hydra/, eval.json) in {' '.join(map(str, options.paths))}"
-        )
-    base = options.paths[0].resolve() if len(options.paths) == 1 else Path.cwd()
-    tables = build_tables(runs, base)
-    print_tables(tables, "mamlrun report")
-    if options.out is None:
-        return []
-    try:
-        written = write_tables(tables, runs, options.out, "mamlrun report")
-    except OSError as err:  # the tables are printed above: nothing is lost
-        raise UserError(
-            f"--out {options.out}: cannot write there ({err.strerror}); name a writable directory"
-        ) from None
-    console.info(f"wrote {', '.join(str(p) for p in written)}")
-    return written
+    return adaptation_comparison(curves, references, "mse", title, out / "sinusoid_k5_steps.png")

@@ -33,7 +33,7 @@ from collections.abc import Iterable
 import torch
 
 from mamlrun.errors import UserError
-from mamlrun.tasks import TaskBatch
+from mamlrun.maml.batch import TaskBatch
 
 # Statistics of one step: name -> 0-dim tensor on the training device (or a float, for engines
 # that return floats). `float()` reads a value; reading one waits for the step to finish.

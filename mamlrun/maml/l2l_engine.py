@@ -14,13 +14,12 @@ from __future__ import annotations
 
 import contextlib
 import io
-from collections.abc import Callable
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from mamlrun.tasks import TaskBatch
+from mamlrun.maml.batch import TaskBatch
+from mamlrun.maml.objectives import TASK_TYPES
 
 
 def import_learn2learn():
@@ -34,20 +33,6 @@ def import_learn2learn():
     with contextlib.redirect_stderr(io.StringIO()):
         import learn2learn
     return learn2learn
-
-
-LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
-
-
-def accuracy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    return (logits.argmax(dim=-1) == labels).float().mean()
-
-
-# task type -> (loss, name of the reported metric, metric, whether higher is better)
-TASK_TYPES: dict[str, tuple[LossFn, str, LossFn, bool]] = {
-    "regression": (F.mse_loss, "mse", F.mse_loss, False),
-    "classification": (F.cross_entropy, "acc", accuracy, True),
-}
 
 
 class Learn2LearnEngine:

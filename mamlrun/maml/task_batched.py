@@ -4,7 +4,7 @@
 batching (and `functional_call`'s parameter swapping) costs as much as the arithmetic: measured on
 a 2-core CPU, second-order MAML on the sinusoid MLP runs 1.4x faster with the batched kernels
 written out (`mamlrun bench ablation=true`), and on Omniglot conv4, whose convolutions and batch
-norms run through `mamlrun.second_order_ops` (hand-written second derivatives), 1.7x faster. So for
+norms run through `mamlrun.maml.second_order` (hand-written second derivatives), 1.7x faster. So for
 an `nn.Sequential` built only from the layers below, the vmap engine runs this module's forward
 instead; any other model keeps vmap.
 
@@ -24,8 +24,8 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from mamlrun.models import BatchStatNorm, SpatialMean
-from mamlrun.second_order_ops import EAGER_KERNELS, NormKernels, batch_norm_relu, grouped_conv2d
+from mamlrun.maml.models import BatchStatNorm, SpatialMean
+from mamlrun.maml.second_order import EAGER_KERNELS, NormKernels, batch_norm_relu, grouped_conv2d
 
 # params: per-task tensors [T, *shape] in `model.named_parameters()` order; x: [T, N, *input].
 BatchedForward = Callable[[list[torch.Tensor], torch.Tensor], torch.Tensor]
@@ -96,7 +96,7 @@ def _batch_stat_norm(
 ) -> None:
     """Per task and channel: normalize over the task's examples (and positions), then shift (and
     scale), then the following ReLU if `relu`. Shift-only, the paper's, runs as one Function with
-    hand-written derivatives (`mamlrun.second_order_ops`)."""
+    hand-written derivatives (`mamlrun.maml.second_order`)."""
     dims, shape = _norm_layout(h)
     if weight is None:
         h.tensor = batch_norm_relu(
@@ -138,7 +138,7 @@ def task_batched_forward(
     Only an `nn.Sequential` whose children are all of the supported types (Linear, Conv2d,
     BatchStatNorm, ReLU, Tanh, MaxPool2d, Flatten, SpatialMean), without shared weights,
     qualifies: anything else may behave in ways this module does not reproduce. `kernels` runs
-    batch norm: eagerly or compiled (`mamlrun.second_order_ops.compiled_kernels()`).
+    batch norm: eagerly or compiled (`mamlrun.maml.second_order.compiled_kernels()`).
     """
     if not isinstance(model, nn.Sequential):
         return None

@@ -3,7 +3,7 @@
 Second-order MAML differentiates the inner-loop gradient, so every layer's backward pass is itself
 differentiated once more (the "double backward"). PyTorch builds that double backward from the
 first backward's operations, and for the paper's conv4 on a CPU two of them dominate the
-meta-iteration (profile of Omniglot 5-way 1-shot, 32 tasks, `mamlrun/task_batched.py` layout):
+meta-iteration (profile of Omniglot 5-way 1-shot, 32 tasks, `mamlrun/maml/task_batched.py` layout):
 
 - grouped convolution (one group per task): PyTorch's double backward computes two of its four
   terms with a Python-level loop over the groups, 32 small convolutions each;
@@ -63,7 +63,7 @@ def _second_derivative(backward):
     def wrapper(ctx, *grads):
         if torch.is_grad_enabled():
             raise RuntimeError(
-                "mamlrun.second_order_ops computes second derivatives only, and a third was "
+                "mamlrun.maml.second_order computes second derivatives only, and a third was "
                 "asked for (backward with create_graph=True through a meta-gradient); run the "
                 "model through vmap (VmapEngine(batching='vmap')) or algorithm.engine=learn2learn"
             )

@@ -1,52 +1,17 @@
-"""Few-shot tasks: the `TaskBatch` every engine consumes, and the sinusoid task sampler.
+"""The sinusoid regression tasks of Finn et al. 2017, Sec. 5.1.
 
-A task is a support set (what the learner adapts on) and a query set (what the adapted learner is
-scored on). Samplers draw whole meta-batches as stacked tensors, so an engine can loop over tasks
-(learn2learn) or map over them (vectorized). Every sampler owns its random generator and exposes
-`state_dict()` / `load_state_dict()`, so a resumed run draws exactly the tasks it would have drawn.
+Every sampler owns its random generator and exposes `state_dict()` / `load_state_dict()`, so a
+resumed run draws exactly the tasks it would have drawn.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import torch
 
-from mamlrun.errors import UserError
-
-
-@dataclass
-class TaskBatch:
-    """A meta-batch of tasks, stacked on dimension 0.
-
-    Args:
-        support_x: [tasks, support size, *input shape]
-        support_y: [tasks, support size, *target shape] (float targets or int64 class labels)
-        query_x: [tasks, query size, *input shape]
-        query_y: [tasks, query size, *target shape]
-    """
-
-    support_x: torch.Tensor
-    support_y: torch.Tensor
-    query_x: torch.Tensor
-    query_y: torch.Tensor
-
-    def __len__(self) -> int:
-        return self.support_x.shape[0]
-
-    def to(self, device: torch.device | str) -> TaskBatch:
-        return TaskBatch(*(t.to(device, non_blocking=True) for t in self.tensors()))
-
-    def tensors(self) -> tuple[torch.Tensor, ...]:
-        return self.support_x, self.support_y, self.query_x, self.query_y
-
-    def task(self, index: int) -> tuple[torch.Tensor, ...]:
-        """The four tensors of one task."""
-        return tuple(t[index] for t in self.tensors())
-
-    def slice(self, start: int, stop: int) -> TaskBatch:
-        return TaskBatch(*(t[start:stop] for t in self.tensors()))
+from mamlrun.data.rng import restore_generator
+from mamlrun.maml.batch import TaskBatch
 
 
 class SinusoidTasks:
@@ -112,19 +77,3 @@ class SinusoidTasks:
 
     def load_state_dict(self, state: dict) -> None:
         restore_generator(self.generator, state["generator"])
-
-
-def restore_generator(generator: torch.Generator, state: torch.Tensor) -> None:
-    """Set a sampler's generator to a saved state.
-
-    Raises:
-        UserError: the state comes from a generator of another device type (a CUDA run resumed
-            on a CPU or back): the two draw different streams, so the run could not continue
-            the tasks it would have drawn.
-    """
-    if state.numel() != generator.get_state().numel():
-        raise UserError(
-            f"resume=: the checkpoint's task sampler drew its tasks on another device type than "
-            f"{generator.device.type}; resume with the hardware the run was trained on"
-        )
-    generator.set_state(state.cpu())

@@ -9,9 +9,12 @@ from __future__ import annotations
 
 import time
 
-from mamlrun import builders, console
-from mamlrun.config import SinusoidDataset, compose_config, validate
+from mamlrun import console
+from mamlrun.config.compose import compose_config
+from mamlrun.config.schema import SinusoidDataset
+from mamlrun.config.validate import validate
 from mamlrun.errors import UserError
+from mamlrun.run.build import load_image_splits
 
 ACTIONS = ("prepare", "verify")
 
@@ -35,7 +38,7 @@ def run_data(args: list[str]) -> None:
     if action == "verify":
         dataset.download = False
     started = time.perf_counter()
-    splits = builders.load_image_splits(dataset)
+    splits = load_image_splits(dataset)
     seconds = time.perf_counter() - started
     rows = []
     for split, (images, classes) in splits.items():

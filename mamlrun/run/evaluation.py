@@ -20,11 +20,16 @@ import torch
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from mamlrun import builders, checkpoints, console
-from mamlrun.config import EvalSettings, ImageDataset, validate
-from mamlrun.engine import Learn2LearnEngine
+from mamlrun import console
+from mamlrun.config.schema import EvalSettings, ImageDataset
+from mamlrun.config.validate import validate
 from mamlrun.errors import UserError
-from mamlrun.loggers import Tracker
+from mamlrun.maml.l2l_engine import Learn2LearnEngine
+from mamlrun.run.build import engine_for, eval_shots, model_for, setting_label, task_sampler
+from mamlrun.run.plots import evaluation_plots
+from mamlrun.run.rundir import load, resolve
+from mamlrun.run.runtime import seed_everything, select_device
+from mamlrun.run.tracking import Tracker
 
 EVAL_FILE = "eval.json"
 # Tasks adapted per call while evaluating; bounds memory for large models.
@@ -72,10 +77,10 @@ def evaluate(
     steps = algorithm.test_inner_steps if settings.inner_steps is None else settings.inner_steps
     results: dict[str, Any] = {}
     started = time.perf_counter()
-    for shots in builders.eval_shots(dataset, settings.shots):
-        sampler = builders.task_sampler(dataset, "test", seed=settings.seed, shots=shots)
+    for shots in eval_shots(dataset, settings.shots):
+        sampler = task_sampler(dataset, "test", seed=settings.seed, shots=shots)
         curves = adaptation_curves(engine, sampler, settings.tasks, steps, device)
-        results[builders.setting_label(dataset, shots)] = {
+        results[setting_label(dataset, shots)] = {
             "shots": shots,
             engine.metric_name: summarize(curves[engine.metric_name]),
             "loss": summarize(curves["loss"]),
@@ -155,17 +160,16 @@ def evaluate_and_report(
     console.print_table(title, columns, rows)
     tracker.log(headline(report), step=step)
     tracker.log_table("test/table", columns, rows, step=step)
-    from mamlrun import plots  # matplotlib (0.6 s) once there is a plot to draw
 
-    tracker.log_images(plots.evaluation_plots(report, run_dir, engine, typed, device), step=step)
+    tracker.log_images(evaluation_plots(report, run_dir, engine, typed, device), step=step)
     return report
 
 
 def run_eval(cfg: DictConfig) -> dict[str, float]:
     """`mamlrun eval checkpoint=<run dir or .pt>`: evaluate a trained model, write eval.json."""
     settings = validate(cfg, primary="eval")
-    checkpoint_path = checkpoints.resolve(settings["checkpoint"])
-    payload = checkpoints.load(checkpoint_path)
+    checkpoint_path = resolve(settings["checkpoint"])
+    payload = load(checkpoint_path)
     trained = validate(OmegaConf.create(payload["config"]), primary="train")
     # The model's config comes from the checkpoint; how to run and score it, from this command.
     typed = {**trained, **{k: settings[k] for k in ("hardware", "logger", "eval")}}
@@ -173,14 +177,14 @@ def run_eval(cfg: DictConfig) -> dict[str, float]:
         if not isinstance(typed["dataset"], ImageDataset):
             raise UserError(f"data_root: the {typed['dataset'].name} dataset reads no files")
         typed["dataset"] = dataclasses.replace(typed["dataset"], root=settings["data_root"])
-    device = builders.select_device(settings["hardware"])
-    builders.seed_everything(settings["seed"])
-    model = builders.model_for(typed["model"], typed["dataset"]).to(device)
+    device = select_device(settings["hardware"])
+    seed_everything(settings["seed"])
+    model = model_for(typed["model"], typed["dataset"]).to(device)
     model.load_state_dict(payload["model"])
-    engine = builders.engine_for(model, typed["algorithm"], typed["dataset"], typed["hardware"])
+    engine = engine_for(model, typed["algorithm"], typed["dataset"], typed["hardware"])
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     console.info(f"Evaluating {checkpoint_path} (iteration {payload['iteration']}) → {run_dir}")
-    from mamlrun.train import make_tracker  # train owns the tracker set-up
+    from mamlrun.run.train import make_tracker
 
     tracker = make_tracker(typed, run_dir, payload["config"] | {"checkpoint": str(checkpoint_path)})
     try:

@@ -15,11 +15,11 @@ with one batched forward per inner step for the whole meta-batch:
   inside `vmap` (about 10% on the sinusoid MLP).
 
 For models built only from the paper's layer types, the forward runs through
-`mamlrun.task_batched` (the same per-task computation written out as batched matmuls and grouped
+`mamlrun.maml.task_batched` (the same per-task computation written out as batched matmuls and grouped
 convolutions) instead of `vmap`: faster, same numbers.
 
 Second-order MAML differentiates each layer's backward pass once more; for the written-out
-convolutions and batch norm those second derivatives are hand-written (`mamlrun.second_order_ops`).
+convolutions and batch norm those second derivatives are hand-written (`mamlrun.maml.second_order`).
 
 The results equal `Learn2LearnEngine`'s (tests/test_engine_equivalence.py). On a 2-core CPU it is
 12.8x to 13.4x the learn2learn example on the sinusoid MLP and 4.0x to 4.9x on Omniglot conv4,
@@ -35,11 +35,11 @@ import torch
 from torch import nn
 from torch.func import functional_call, vmap
 
-from mamlrun.engine import TASK_TYPES, LossFn
 from mamlrun.errors import UserError
-from mamlrun.second_order_ops import EAGER_KERNELS, compiled_kernels
-from mamlrun.task_batched import task_batched_forward
-from mamlrun.tasks import TaskBatch
+from mamlrun.maml.batch import TaskBatch
+from mamlrun.maml.objectives import TASK_TYPES, LossFn
+from mamlrun.maml.second_order import EAGER_KERNELS, compiled_kernels
+from mamlrun.maml.task_batched import task_batched_forward
 
 _FIX = "use algorithm.engine=learn2learn"
 # Words in the RuntimeErrors torch raises when vmap cannot batch a model's operations.
@@ -58,7 +58,7 @@ def _check_vmappable(model: nn.Module) -> None:
                 f"model module {name or type(module).__name__!r} ({type(module).__name__} with "
                 "track_running_stats=True) updates running statistics in place, so the model "
                 f"cannot run under algorithm.engine=vmap; {_FIX} (or use batch norm without "
-                "running statistics, like mamlrun.models.BatchStatNorm)"
+                "running statistics, like mamlrun.maml.models.BatchStatNorm)"
             )
 
 
@@ -101,10 +101,10 @@ class VmapEngine:
         task_type: "regression" (MSE) or "classification" (cross-entropy, accuracy).
         curve_chunk: tasks adapted at once by `adaptation_curve`, to bound its memory.
         batching: "layers" runs models made only of the paper's layer types through
-            `mamlrun.task_batched` (faster, same numbers) and any other model through vmap;
+            `mamlrun.maml.task_batched` (faster, same numbers) and any other model through vmap;
             "vmap" always uses vmap.
         compile_kernels: on the "layers" path, run batch norm's formulas through
-            `torch.compile` (`hardware.compile`; see `mamlrun.second_order_ops.NormKernels`).
+            `torch.compile` (`hardware.compile`; see `mamlrun.maml.second_order.NormKernels`).
 
     Example:
         >>> engine = VmapEngine(model, inner_lr=0.01, first_order=False)
@@ -215,7 +215,7 @@ class VmapEngine:
 
         Nothing here waits for the device, so a GPU can still be running one iteration while
         Python launches the next, and the whole call can be captured as a CUDA graph
-        (`mamlrun.meta_step`).
+        (`mamlrun.maml.step`).
         """
         support_x, support_y, query_x, query_y = batch.tensors()
         with _vmap_errors():

@@ -13,13 +13,12 @@ Running the command again picks up where it stopped:
   `<table>/.replaced/<time>/`, never deleted.
 
 Then the comparison table (paper ± CI, mamlrun ± CI, difference, overlap of the 95% intervals) is
-printed and written as Markdown and CSV next to the cells, by `mamlrun.report`, stating the budget
+printed and written as Markdown and CSV next to the cells, by `mamlrun.analysis.tables`, stating the budget
 and the hardware so that a scaled run is never mistaken for the paper's protocol.
 """
 
 from __future__ import annotations
 
-import argparse
 import shutil
 import subprocess
 import sys
@@ -30,8 +29,12 @@ from typing import Any
 
 import yaml
 
-from mamlrun import console, report
-from mamlrun.config import SinusoidDataset, compose_config, to_container, validate
+from mamlrun import console
+from mamlrun.analysis.runs import FINISHED, NOT_RUN, Run, load_run
+from mamlrun.analysis.tables import build_tables, print_tables, write_tables
+from mamlrun.config.compose import compose_config, to_container
+from mamlrun.config.schema import SinusoidDataset
+from mamlrun.config.validate import validate
 from mamlrun.errors import UserError
 
 PRESETS = "finn2017"
@@ -166,8 +169,8 @@ def plan(table: str, overrides: list[str], root: Path = ROOT) -> list[Cell]:
         cell = Cell(name, root / table / PRESETS / name, *_compose(name, overrides))
         recorded = _recorded_overrides(cell.path)
         same = recorded == {"experiment": cell.experiment, **wanted}
-        run = report.load_run(cell.path) if same else None
-        if run is not None and run.status == report.FINISHED:
+        run = load_run(cell.path) if same else None
+        if run is not None and run.status == FINISHED:
             cell.action, cell.done = REUSE, run.iteration or 0
         elif run is not None and run.iteration is not None:
             cell.action, cell.done = RESUME, run.iteration
@@ -197,12 +200,12 @@ class Throughput:
 CPU = Throughput(
     "CPU",
     "on a CPU (training only; throughput constants measured on both cores of a 2-core Intel "
-    "Xeon, see mamlrun/reproduce.py; a GPU is much faster for the conv presets",
+    "Xeon, see mamlrun/analysis/reproduce.py; a GPU is much faster for the conv presets",
     CPU_TASKS_PER_SECOND,
 )
 H200 = Throughput(
     "H200",
-    "on an H200 GPU (training only; measured by mamlrun bench, see mamlrun/reproduce.py",
+    "on an H200 GPU (training only; measured by mamlrun bench, see mamlrun/analysis/reproduce.py",
     CUDA_TASKS_PER_SECOND,
 )
 
@@ -332,11 +335,11 @@ def run_cells(table_dir: Path, cells: list[Cell], overrides: list[str]) -> None:
             console.info(f"{cell.name}: reused (finished, same overrides): {cell.path}")
 
 
-def _result(cell: Cell) -> report.Run:
+def _result(cell: Cell) -> Run:
     """The cell's run; one that never started still carries its config, so the comparison lists
     its paper reference with status `not run` instead of leaving it out."""
-    run = report.load_run(cell.path)
-    if run.status == report.NOT_RUN:
+    run = load_run(cell.path)
+    if run.status == NOT_RUN:
         run.config, run.overrides = cell.config, [f"experiment={cell.experiment}"]
         run.iterations = cell.typed["train"].iterations
     return run
@@ -358,32 +361,11 @@ def reproduce(table: str, overrides: list[str], dry_run: bool, root: Path = ROOT
     run_cells(table_dir, cells, overrides)
     runs = [_result(cell) for cell in cells]
     title = f"mamlrun reproduce {table}"
-    tables = report.build_tables(runs, base=table_dir.resolve())
-    report.print_tables(tables, title)
-    written = report.write_tables(tables, runs, table_dir, title)
+    tables = build_tables(runs, base=table_dir.resolve())
+    print_tables(tables, title)
+    written = write_tables(tables, runs, table_dir, title)
     console.info(f"wrote {', '.join(str(p) for p in written)}")
     reused = sum(c.action == REUSE for c in cells)
     if reused:
         console.info(f"reused {reused} finished cell(s) without rerunning them")
-    return 0 if all(r.status == report.FINISHED for r in runs) else 1
-
-
-def run_reproduce(args: list[str]) -> int:
-    """`mamlrun reproduce TABLE [key=value ...] [--dry-run]`."""
-    parser = argparse.ArgumentParser(
-        prog="mamlrun reproduce",
-        description="Run every cell of one of the paper's tables (Hydra multirun) and compare "
-        "with the paper. Overrides apply to every cell, e.g. budget=0.01 for a scaled run.",
-    )
-    parser.add_argument("table", choices=[*TABLES, "all"])
-    parser.add_argument("overrides", nargs="*", help="key=value for every cell (budget=0.01 ...)")
-    parser.add_argument("--dry-run", action="store_true", help="print the plan and cost only")
-    if not {"-h", "--help"} & set(args) and all(arg.startswith("-") for arg in args):
-        # no table: argparse would also ask for the optional overrides
-        parser.error(f"name a table: {', '.join([*TABLES, 'all'])}")
-    options = parser.parse_intermixed_args(args)
-    tables = list(TABLES) if options.table == "all" else [options.table]
-    status = 0
-    for table in tables:
-        status = max(status, reproduce(table, options.overrides, options.dry_run))
-    return status
+    return 0 if all(r.status == FINISHED for r in runs) else 1

@@ -1,4 +1,4 @@
-"""Process set-up done by `builders.select_device`: glibc's malloc keeps freed memory."""
+"""Process set-up done by `mamlrun.run.runtime.select_device`: glibc's malloc keeps freed memory."""
 
 from __future__ import annotations
 
@@ -20,8 +20,8 @@ pytestmark = pytest.mark.skipif(
 _ITERATIONS = """
 import json, resource, sys
 import torch
-from mamlrun import builders
-tuned = builders.keep_freed_memory() if sys.argv[1] == "tune" else False
+from mamlrun.run.runtime import keep_freed_memory
+tuned = keep_freed_memory() if sys.argv[1] == "tune" else False
 faults = []
 for _ in range(10):
     before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt

@@ -23,9 +23,10 @@ from collections.abc import Iterator, Sequence
 import torch
 from torch.utils.data import Dataset
 
-from mamlrun.engine import import_learn2learn
+from mamlrun.data.rng import restore_generator
 from mamlrun.errors import UserError
-from mamlrun.tasks import TaskBatch, restore_generator
+from mamlrun.maml.batch import TaskBatch
+from mamlrun.maml.l2l_engine import import_learn2learn
 
 
 @contextlib.contextmanager

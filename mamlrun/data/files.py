@@ -1,0 +1,92 @@
+"""Files behind the image datasets: verified downloads, checksums and the preprocessed tensor cache.
+
+Decoding 32,460 Omniglot PNGs (or 60,000 JPEGs) takes a while, so a loader's result is saved once
+with `torch.save` under a name that changes whenever the source files or the preprocessing change.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import urllib.request
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+from mamlrun.errors import UserError
+
+CACHE_VERSION = 1  # bump when a loader's output changes for the same input files
+RESAMPLE = Image.Resampling.LANCZOS  # the paper's filter for Omniglot, also used for miniImageNet
+
+
+def file_md5(path: Path) -> str:
+    digest = hashlib.md5()
+    with open(path, "rb") as file:
+        for chunk in iter(lambda: file.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def download_file(url: str, destination: Path, md5: str | None = None) -> None:
+    """Download `url` to `destination`, verified, so a failure never leaves a partial file there.
+
+    The bytes go to `<destination>.part` and are renamed only once complete and (when `md5` is
+    given) matching; otherwise the partial file is removed and UserError raised.
+    """
+    partial = destination.with_name(destination.name + ".part")
+    try:
+        destination.parent.mkdir(parents=True, exist_ok=True)
+        with urllib.request.urlopen(url, timeout=60) as response, open(partial, "wb") as file:
+            shutil.copyfileobj(response, file, 1 << 20)
+    except OSError as error:  # includes urllib's URLError and HTTPError
+        partial.unlink(missing_ok=True)
+        raise UserError(
+            f"{url}: download failed ({error}); fetch it by hand to {destination}"
+        ) from None
+    if md5 is not None and (actual := file_md5(partial)) != md5:
+        partial.unlink()
+        raise UserError(
+            f"{url}: the download has md5 {actual}, not the official {md5}; try again later "
+            f"or fetch it by hand to {destination}"
+        )
+    os.replace(partial, destination)
+
+
+def _digest(key: dict) -> str:
+    return hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _default_cache_dir() -> Path:
+    """`$MAMLRUN_CACHE`, else `~/.cache/mamlrun`: a per-user folder, never the data's own folder,
+    which is often shared or read-only (and a root process would write there regardless)."""
+    return Path(os.environ.get("MAMLRUN_CACHE", "~/.cache/mamlrun")).expanduser()
+
+
+def _cached(path: Path, build: Callable[[], dict]) -> dict:
+    """Load the dict saved at `path`, or build and save it (atomically: tmp file + os.replace).
+
+    A damaged cache file is rebuilt; a cache that cannot be written only warns, since the data
+    is in memory anyway.
+    """
+    if path.is_file():
+        try:
+            return torch.load(path, weights_only=True)
+        except Exception:  # any unreadable cache is simply rebuilt
+            pass
+    value = build()
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torch.save(value, tmp)
+        os.replace(tmp, path)
+    except OSError as error:
+        tmp.unlink(missing_ok=True)
+        warnings.warn(
+            f"{path}: cannot write the cache ({error}); the next load redoes the work", stacklevel=3
+        )
+    return value
