@@ -38,19 +38,19 @@ def test_every_combination_composes_and_validates(choice):
             validate(cfg)
         return
     typed = validate(cfg)
-    assert typed["algorithm"].first_order == (choice[2] == "fomaml")
-    assert typed["hardware"].device.startswith(choice[3])
-    assert typed["dataset"].name == dataset
+    assert typed.algorithm.first_order == (choice[2] == "fomaml")
+    assert typed.hardware.device.startswith(choice[3])
+    assert typed.dataset.name == dataset
 
 
 def test_default_is_the_papers_sinusoid_setting():
     typed = validate(compose_config([]))
-    assert typed["dataset"].name == "sinusoid" and typed["dataset"].shots == 10
-    assert typed["model"].hidden == [40, 40] and typed["model"].activation == "relu"
-    algorithm = typed["algorithm"]
+    assert typed.dataset.name == "sinusoid" and typed.dataset.shots == 10
+    assert typed.model.hidden == [40, 40] and typed.model.activation == "relu"
+    algorithm = typed.algorithm
     assert (algorithm.inner_lr, algorithm.inner_steps, algorithm.meta_batch_size) == (0.01, 1, 25)
     assert algorithm.meta_lr == 0.001 and not algorithm.first_order
-    assert typed["train"].iterations == 70000 and typed["logger"].mode == "offline"
+    assert typed.train.iterations == 70000 and typed.logger.mode == "offline"
 
 
 @pytest.mark.parametrize(
@@ -130,7 +130,7 @@ def test_bad_values_fail_with_one_line_naming_the_key(override, key):
 )
 def test_cuda_graphs_auto_captures_where_the_step_can_be_captured(overrides, captured):
     typed = validate(compose_config(overrides.split()))
-    assert captures_cuda_graph(typed["hardware"], typed["algorithm"]) is captured
+    assert captures_cuda_graph(typed.hardware, typed.algorithm) is captured
 
 
 @pytest.mark.parametrize(
@@ -142,26 +142,26 @@ def test_cuda_graphs_auto_captures_where_the_step_can_be_captured(overrides, cap
 )
 def test_vision_datasets_bring_the_papers_settings(dataset, expected):
     typed = validate(compose_config([f"dataset={dataset}"]))
-    algorithm = typed["algorithm"]
-    assert (typed["model"].name, typed["model"].filters) == expected["model"]
+    algorithm = typed.algorithm
+    assert (typed.model.name, typed.model.filters) == expected["model"]
     assert (
         algorithm.inner_lr == expected["inner_lr"]
         and algorithm.meta_batch_size == expected["batch"]
     )
     assert (algorithm.inner_steps, algorithm.test_inner_steps) == expected["steps"]
-    assert typed["train"].iterations == 60000
+    assert typed.train.iterations == 60000
     # The command line still wins over the dataset's defaults.
     typed = validate(
         compose_config([f"dataset={dataset}", "algorithm.inner_lr=0.2", "model=mlp_omniglot"])
     )
-    assert typed["algorithm"].inner_lr == 0.2 and typed["model"].batch_norm
+    assert typed.algorithm.inner_lr == 0.2 and typed.model.batch_norm
 
 
 def test_dataset_root_defaults_to_mamlrun_data(monkeypatch):
     monkeypatch.setenv("MAMLRUN_DATA", "/data/here")
-    assert validate(compose_config(["dataset=omniglot"]))["dataset"].root == "/data/here"
+    assert validate(compose_config(["dataset=omniglot"])).dataset.root == "/data/here"
     monkeypatch.delenv("MAMLRUN_DATA")
-    assert validate(compose_config(["dataset=omniglot"]))["dataset"].root.startswith(
+    assert validate(compose_config(["dataset=omniglot"])).dataset.root.startswith(
         "~/.cache/mamlrun"
     )
 
@@ -176,9 +176,9 @@ PRESETS = sorted(
 @pytest.mark.parametrize("preset", PRESETS)
 def test_every_paper_preset_composes_and_validates(preset):
     typed = validate(compose_config([f"experiment={preset}"]))
-    paper = typed["paper"]
+    paper = typed.paper
     assert paper.table and paper.cell and paper.value is not None
-    dataset, algorithm = typed["dataset"], typed["algorithm"]
+    dataset, algorithm = typed.dataset, typed.algorithm
     assert dataset.name in preset
     if dataset.name == "omniglot":
         expected = (0.4, 1, 3, 32) if dataset.ways == 5 else (0.1, 5, 5, 16)

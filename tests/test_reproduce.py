@@ -107,10 +107,10 @@ def test_pretrain_on_the_vmap_engine_normalizes_each_task_on_its_own():
 def test_budget_scales_iterations_and_is_validated():
     with initialize_config_module("mamlrun.conf", version_base="1.3"):
         typed = validate(compose("train", ["experiment=finn2017/sinusoid_pretrained"]))
-        assert typed["budget"] == 1.0 and typed["train"].iterations == 70000
-        assert typed["algorithm"].name == "pretrain" and typed["paper"].value == [2.41, 2.23, 2.19]
-        assert validate(compose("train", ["budget=0.001"]))["train"].iterations == 70
-        assert validate(compose("train", ["budget=1e-9"]))["train"].iterations == 1
+        assert typed.budget == 1.0 and typed.train.iterations == 70000
+        assert typed.algorithm.name == "pretrain" and typed.paper.value == [2.41, 2.23, 2.19]
+        assert validate(compose("train", ["budget=0.001"])).train.iterations == 70
+        assert validate(compose("train", ["budget=1e-9"])).train.iterations == 1
         for bad in ("budget=0", "budget=1.5"):
             with pytest.raises(ConfigError, match="budget: must be > 0 and <= 1"):
                 validate(compose("train", [bad]))

@@ -13,8 +13,8 @@ Running the command again picks up where it stopped:
   `<table>/.replaced/<time>/`, never deleted.
 
 Then the comparison table (paper ± CI, mamlrun ± CI, difference, overlap of the 95% intervals) is
-printed and written as Markdown and CSV next to the cells, by `mamlrun.analysis.tables`, stating the budget
-and the hardware so that a scaled run is never mistaken for the paper's protocol.
+printed and written as Markdown and CSV next to the cells, by `mamlrun.analysis.tables`, stating
+the budget and the hardware so that a scaled run is never mistaken for the paper's protocol.
 """
 
 from __future__ import annotations
@@ -32,10 +32,11 @@ import yaml
 from mamlrun import console
 from mamlrun.analysis.runs import FINISHED, NOT_RUN, Run, load_run
 from mamlrun.analysis.tables import build_tables, print_tables, write_tables
-from mamlrun.config.compose import compose_config, to_container
-from mamlrun.config.schema import SinusoidDataset
+from mamlrun.config.compose import compose_config, parse_overrides, to_container
+from mamlrun.config.schema import RunConfig, SinusoidDataset
 from mamlrun.config.validate import validate
 from mamlrun.errors import UserError
+from mamlrun.run import rundir
 
 PRESETS = "finn2017"
 TABLES: dict[str, list[str]] = {
@@ -98,7 +99,7 @@ class Cell:
 
     name: str
     path: Path
-    typed: dict[str, Any]
+    settings: RunConfig
     configured_iterations: int
     config: dict[str, Any]
     action: str = RUN
@@ -121,32 +122,26 @@ def _parse_overrides(overrides: list[str], given: bool = True) -> dict[str, Any]
     Raises:
         UserError: for a sweep (a cell runs once) or a key reproduce sets itself.
     """
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-    from hydra.errors import HydraException
-
-    try:
-        parsed = OverridesParser.create().parse_overrides(overrides)
-    except HydraException as err:
-        raise UserError(str(err).splitlines()[0]) from None
     result = {}
-    for override in parsed:
-        key = override.get_key_element()
-        if given and override.is_sweep_override():
+    for override in parse_overrides(overrides):
+        if given and override.is_sweep:
             raise UserError(
-                f"{override.input_line}: reproduce runs each cell once; sweep with mamlrun train -m"
+                f"{override.text}: reproduce runs each cell once; sweep with mamlrun train -m"
             )
-        reserved = key.lstrip("+~") == "experiment" or key.startswith(("hydra.sweep", "hydra.run"))
+        reserved = override.key == "experiment" or override.key.startswith(
+            ("hydra.sweep", "hydra.run")
+        )
         if given and reserved:
-            raise UserError(f"{override.input_line}: reproduce sets {key} itself; drop it")
-        if not key.startswith("hydra"):  # Hydra's own settings are not part of a run's config
-            result[key.lstrip("+")] = override.value()  # `++a.b=1` sets what `a.b=1` sets
+            raise UserError(f"{override.text}: reproduce sets {override.key} itself; drop it")
+        if not override.is_hydra:  # Hydra's own settings are not part of a run's config
+            result[override.key] = override.value  # `++a.b=1` sets what `a.b=1` sets
     return result
 
 
-def _compose(name: str, overrides: list[str]) -> tuple[dict[str, Any], int, dict[str, Any]]:
+def _compose(name: str, overrides: list[str]) -> tuple[RunConfig, int, dict[str, Any]]:
     """The cell's typed config (iterations after `budget`), its configured iterations, and the
     config as plain data (what its run will record)."""
-    task_overrides = [o for o in overrides if not o.lstrip("+~").startswith("hydra")]
+    task_overrides = [o.text for o in parse_overrides(overrides) if not o.is_hydra]
     try:
         cfg = compose_config([f"experiment={PRESETS}/{name}", *task_overrides])
     except UserError as err:
@@ -155,7 +150,7 @@ def _compose(name: str, overrides: list[str]) -> tuple[dict[str, Any], int, dict
 
 
 def _recorded_overrides(path: Path) -> dict[str, Any] | None:
-    file = path / ".hydra" / "overrides.yaml"
+    file = rundir.hydra_file(path, rundir.OVERRIDES)
     if not file.is_file():
         return None
     return _parse_overrides(yaml.safe_load(file.read_text()) or [], given=False)
@@ -212,7 +207,7 @@ H200 = Throughput(
 
 def _throughput(cells: list[Cell]) -> Throughput:
     """The machine the estimates are for: the cells' device type."""
-    if any(cell.typed["hardware"].device.startswith("cuda") for cell in cells):
+    if any(cell.settings.hardware.device.startswith("cuda") for cell in cells):
         return H200
     return CPU
 
@@ -240,9 +235,9 @@ def plan_table(
     ]
     rows, total_tasks, seconds, unmeasured = [], 0, 0.0, 0
     for cell in cells:
-        dataset, algorithm = cell.typed["dataset"], cell.typed["algorithm"]
-        iterations = cell.typed["train"].iterations
-        budget = cell.typed["budget"]
+        dataset, algorithm = cell.settings.dataset, cell.settings.algorithm
+        iterations = cell.settings.train.iterations
+        budget = cell.settings.budget
         if isinstance(dataset, SinusoidDataset):
             ways, shots = "–", f"{dataset.shots} (test {'/'.join(map(str, dataset.eval_shots))})"
         else:
@@ -299,8 +294,10 @@ def _sweep_overrides(overrides: list[str]) -> list[str]:
     through. Nothing unchecked gets in: `plan` has composed every cell with the overrides as typed.
     """
     return [
-        f"++{o}" if "=" in o and "." in o.split("=", 1)[0] and o[0] not in "+~" else o
-        for o in overrides
+        f"++{o.text}"
+        if o.value_text is not None and "." in o.key and o.text[0] not in "+~"
+        else o.text
+        for o in parse_overrides(overrides)
     ]
 
 
@@ -341,7 +338,7 @@ def _result(cell: Cell) -> Run:
     run = load_run(cell.path)
     if run.status == NOT_RUN:
         run.config, run.overrides = cell.config, [f"experiment={cell.experiment}"]
-        run.iterations = cell.typed["train"].iterations
+        run.iterations = cell.settings.train.iterations
     return run
 
 

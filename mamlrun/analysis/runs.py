@@ -16,8 +16,10 @@ from typing import Any
 
 import yaml
 
+from mamlrun.config.compose import parse_overrides
 from mamlrun.errors import UserError
-from mamlrun.run.rundir import load
+from mamlrun.run import rundir
+from mamlrun.run.rundir import is_run_dir, load
 
 # A run's status, from the files it left.
 FINISHED = "finished"
@@ -44,9 +46,9 @@ class Run:
     @property
     def preset(self) -> str:
         """The experiment preset (`finn2017/omniglot_5w1s`), else the directory name."""
-        for override in self.overrides:
-            if override.startswith("experiment="):
-                return override.split("=", 1)[1]
+        for override in parse_overrides(self.overrides):
+            if override.key == "experiment" and override.value_text is not None:
+                return override.value_text
         return self.path.name
 
     @property
@@ -54,10 +56,6 @@ class Run:
         if self.evaluation:
             return self.evaluation["metric"]
         return "mse" if self.config.get("dataset", {}).get("name") == "sinusoid" else "acc"
-
-
-def is_run_dir(path: Path) -> bool:
-    return any((path / name).exists() for name in (".hydra", "eval.json", "checkpoints"))
 
 
 def _natural(name: str) -> tuple[bool, int, str]:
@@ -89,14 +87,14 @@ def _planned_iterations(config: dict[str, Any]) -> int | None:
     from mamlrun.config.validate import validate
 
     try:
-        return validate(OmegaConf.create(config))["train"].iterations
+        return validate(OmegaConf.create(config)).train.iterations
     except Exception:  # noqa: BLE001 - another mamlrun version's config, or a refused one
         planned = (config.get("train") or {}).get("iterations")
         return planned if isinstance(planned, int) else None
 
 
 def _last_val(path: Path) -> dict[str, Any] | None:
-    metrics = path / "metrics.jsonl"
+    metrics = path / rundir.METRICS
     if not metrics.is_file():
         return None
     rows = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
@@ -107,8 +105,8 @@ def _last_val(path: Path) -> dict[str, Any] | None:
 def _wall_seconds(path: Path) -> float | None:
     """From the run's first file (.hydra/config.yaml) to its last write: includes any pause
     between an interruption and `resume=`, so it is approximate."""
-    start = path / ".hydra" / "config.yaml"
-    ends = [path / n for n in ("eval.json", "metrics.jsonl", "checkpoints/last.pt")]
+    start = rundir.hydra_file(path, rundir.CONFIG)
+    ends = [path / rundir.EVAL, path / rundir.METRICS, rundir.checkpoint_path(path)]
     ends = [p.stat().st_mtime for p in ends if p.exists()]
     if not start.exists() or not ends:
         return None
@@ -120,24 +118,25 @@ def load_run(path: Path) -> Run:
     path = path.resolve()
     if not path.is_dir():
         return Run(path, NOT_RUN, {}, [])
-    overrides_file = path / ".hydra" / "overrides.yaml"
+    overrides_file = rundir.hydra_file(path, rundir.OVERRIDES)
     overrides = (
         (yaml.safe_load(overrides_file.read_text()) or []) if overrides_file.exists() else []
     )
     config: dict[str, Any] = {}
     iteration = None
-    last = path / "checkpoints" / "last.pt"
+    last = rundir.checkpoint_path(path)
     if last.is_file():
         try:
             payload = load(last)
             config, iteration = payload["config"], payload["iteration"]
         except UserError:
             pass  # a truncated checkpoint: the run is treated as if it had none
-    if not config and (path / ".hydra" / "config.yaml").exists():
-        config = yaml.safe_load((path / ".hydra" / "config.yaml").read_text()) or {}
+    config_file = rundir.hydra_file(path, rundir.CONFIG)
+    if not config and config_file.exists():
+        config = yaml.safe_load(config_file.read_text()) or {}
     evaluation = None
-    if (path / "eval.json").is_file():
-        evaluation = json.loads((path / "eval.json").read_text())
+    if (path / rundir.EVAL).is_file():
+        evaluation = json.loads((path / rundir.EVAL).read_text())
     iterations = _planned_iterations(config) if config else None
     if evaluation is not None:
         status = FINISHED

@@ -1,17 +1,12 @@
-"""`mamlrun report <multirun dir | run dirs...> [--out DIR]`: tables rebuilt from finished runs.
+"""Tables from runs: the results table of any sweep, and paper vs mamlrun for paper presets.
 
-A run directory is read, never re-run: its config (`checkpoints/last.pt`, which reflects a resumed
-run's changes, else `.hydra/config.yaml`), its overrides (`.hydra/overrides.yaml`), `metrics.jsonl`
-and `eval.json`. Two tables come out of it:
-
-- the results table, for any sweep: one row per run, the swept keys as columns, the final
-  validation metric, the test metric with its 95% CI per setting, the run's wall time and status;
+- the results table: one row per run, the swept keys as columns, the final validation metric,
+  the test metric with its 95% CI per setting, the run's wall time and status;
 - the comparison table, for runs of a paper preset (a `paper:` block in the config): the paper's
   value ± CI next to mamlrun's, the difference, and whether the 95% intervals overlap.
 
-Runs that did not finish are listed with their status (failed / unfinished / not evaluated), never
-dropped: a table that hides a failed cell looks more complete than it is. `mamlrun reproduce`
-writes its tables with the same functions.
+Runs that did not finish are listed with their status, never dropped: a table that hides a failed
+cell looks more complete than it is. `mamlrun report` and `mamlrun reproduce` both write these.
 """
 
 from __future__ import annotations
@@ -24,8 +19,8 @@ from pathlib import Path
 from typing import Any
 
 from mamlrun import console
-from mamlrun.analysis.runs import FAILED, FINISHED, NOT_EVALUATED, NOT_RUN, UNFINISHED, Run  # noqa: F401
-from mamlrun.run.plots import adaptation_comparison
+from mamlrun.analysis.runs import FINISHED, Run
+from mamlrun.config.compose import parse_overrides
 
 COMPARISON_COLUMNS = [
     "preset",
@@ -191,9 +186,14 @@ def comparison_rows(records: list[dict[str, Any]]) -> list[list[str]]:
     return rows
 
 
+def _override_values(run: Run) -> dict[str, str]:
+    """The run's overrides as {key: value as written}."""
+    return {o.key: o.value_text for o in parse_overrides(run.overrides) if o.value_text is not None}
+
+
 def _swept_keys(runs: list[Run]) -> tuple[list[str], dict[str, str]]:
     """Override keys whose values differ between runs (the sweep), and those common to all."""
-    per_run = [dict(o.lstrip("+~").split("=", 1) for o in r.overrides if "=" in o) for r in runs]
+    per_run = [_override_values(r) for r in runs]
     keys = sorted({k for overrides in per_run for k in overrides})
     swept = [k for k in keys if len({o.get(k) for o in per_run}) > 1]
     common = {k: per_run[0][k] for k in keys if k not in swept and k in per_run[0]}
@@ -209,7 +209,7 @@ def results_table(runs: list[Run], base: Path | None = None) -> tuple[list[str],
         str(r.path.relative_to(base)) if base and r.path.is_relative_to(base) else str(r.path)
         for r in runs
     ]
-    overrides = [dict(o.lstrip("+~").split("=", 1) for o in r.overrides if "=" in o) for r in runs]
+    overrides = [_override_values(r) for r in runs]
     # A key that only repeats the run's name (reproduce's `experiment`) adds nothing.
     swept = [k for k in swept if [o.get(k) for o in overrides] != names]
     settings: list[tuple[str, str]] = []  # (setting label, metric) across runs, in first-seen order
@@ -391,6 +391,7 @@ def write_tables(tables: Tables, runs: list[Run], out: Path, title: str) -> list
 
 def _sinusoid_plot(runs: list[Run], out: Path) -> Path | None:
     """Figure 3 of the paper: K=5 test MSE against gradient steps, each sinusoid preset."""
+    from mamlrun.run.plots import adaptation_comparison  # matplotlib: only to draw
 
     curves, references = {}, {}
     for run in runs:

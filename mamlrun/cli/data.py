@@ -7,6 +7,7 @@ same checks without downloading anything. Both print what was found per split.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 
 from mamlrun import console
@@ -31,12 +32,12 @@ def run_data(args: list[str]) -> None:
     if args[0] not in ACTIONS:
         raise UserError(f"unknown action {args[0]!r}; {USAGE}")
     action, overrides = args[0], args[1:]
-    dataset = validate(compose_config(overrides))["dataset"]
+    dataset = validate(compose_config(overrides)).dataset
     if isinstance(dataset, SinusoidDataset):
         console.info("sinusoid tasks are generated on the fly: nothing to prepare")
         return
     if action == "verify":
-        dataset.download = False
+        dataset = dataclasses.replace(dataset, download=False)
     started = time.perf_counter()
     splits = load_image_splits(dataset)
     seconds = time.perf_counter() - started

@@ -1,4 +1,4 @@
-"""Composing configs outside a Hydra app, the shipped config folder, and Hydra's errors as one line.
+"""Composing configs outside a Hydra app, the shipped configs, and reading Hydra overrides.
 
 `mamlrun data`, `mamlrun reproduce` and the tests compose the `train` (or `eval`) config exactly as
 `mamlrun train` does; Hydra's multi-line complaints become the one line the CLI prints.
@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import importlib.util
+from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -93,3 +94,52 @@ def experiment_presets() -> list[str]:
 def to_container(cfg: DictConfig | ListConfig) -> Any:
     """The resolved config as plain Python (for checkpoints, metrics and wandb)."""
     return OmegaConf.to_container(cfg, resolve=True)
+
+
+@dataclass(frozen=True)
+class Override:
+    """One Hydra override string (`key=value`, `+key=value`, `~key`, a sweep `key=a,b`), read by
+    Hydra's own parser: the one way mamlrun reads overrides, typed or recorded by Hydra."""
+
+    text: str  # as typed, or as recorded in .hydra/overrides.yaml
+    key: str  # without Hydra's `+`, `++` and `~` prefixes
+    value_text: str | None  # the value as written (`a,b` for a sweep); None for `~key`
+    parsed: Any  # Hydra's `Override`: its `.value()`, sweeps, globs
+
+    @property
+    def value(self) -> Any:
+        """The value as Hydra types it (`print_config=false` gives False)."""
+        return self.parsed.value()
+
+    @property
+    def is_sweep(self) -> bool:
+        return self.parsed.is_sweep_override()
+
+    @property
+    def is_hydra(self) -> bool:
+        """A setting of Hydra's own (`hydra.run.dir=...`), not part of a run's config."""
+        return self.key.startswith("hydra")
+
+
+def parse_overrides(texts: list[str]) -> list[Override]:
+    """Hydra's reading of override strings.
+
+    Raises:
+        UserError: an override that does not parse, in one line (Hydra's own message).
+    """
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import HydraException
+
+    try:
+        parsed = OverridesParser.create().parse_overrides(list(texts))
+    except HydraException as err:
+        raise UserError(error_line(err)) from None
+    return [
+        Override(
+            text=o.input_line,
+            key=o.get_key_element().lstrip("+~"),
+            value_text=o.input_line.split("=", 1)[1] if "=" in o.input_line else None,
+            parsed=o,
+        )
+        for o in parsed
+    ]

@@ -164,6 +164,43 @@ class EvalSettings:
     shots: list[int] | None = None
 
 
+@dataclass(frozen=True)
+class RunConfig:
+    """A validated `mamlrun train` config: one typed section per config group and top-level key.
+
+    What `validate` returns; each function takes the sections it uses, not the whole config.
+    """
+
+    dataset: SinusoidDataset | ImageDataset
+    model: MLPModel | Conv4Model | TargetModel
+    algorithm: Algorithm
+    hardware: Hardware
+    logger: WandbLogger | NoLogger
+    task_name: str
+    seed: int
+    resume: str | None
+    print_config: bool
+    budget: float | int
+    paper: PaperReference | None
+    train: TrainLoop
+    eval: EvalSettings
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """A validated `mamlrun eval` config: how to run and score a checkpoint, which itself carries
+    what was trained (dataset, model, algorithm)."""
+
+    hardware: Hardware
+    logger: WandbLogger | NoLogger
+    task_name: str
+    seed: int
+    checkpoint: str
+    data_root: str | None
+    print_config: bool
+    eval: EvalSettings
+
+
 DATASETS: dict[str, type] = {
     "sinusoid": SinusoidDataset,
     "omniglot": ImageDataset,

@@ -7,6 +7,7 @@ shape fails in one line that names the key, before data is loaded or a run direc
 from __future__ import annotations
 
 import inspect
+from dataclasses import replace
 from typing import Any
 
 import hydra.utils
@@ -22,10 +23,12 @@ from mamlrun.config.schema import (
     TOP_LEVEL,
     Algorithm,
     Conv4Model,
+    EvalConfig,
     EvalSettings,
     Hardware,
     ImageDataset,
     MLPModel,
+    RunConfig,
     SinusoidDataset,
     TargetModel,
     TrainLoop,
@@ -69,26 +72,43 @@ def _check_range(key: str, value: list[float], low: float | None = None) -> None
         _check(value[0] >= low, key, f"must be >= {low}, got {value}")
 
 
-def validate(cfg: DictConfig, primary: str = "train") -> dict[str, Any]:
-    """Check a composed config; return its typed sections (dataclasses) keyed by name.
+def validate(cfg: DictConfig, primary: str = "train") -> RunConfig | EvalConfig:
+    """Check a composed `train` (or `eval`) config; return it as typed sections.
 
     Raises:
         ConfigError: one line naming the offending key and what to do.
     """
-    typed: dict[str, Any] = {}
-    allowed = set(TOP_LEVEL[primary]) | {"hydra"}
-    groups_here = [g for g in GROUPS if g in cfg or primary == "train"]
+    _refuse_unknown_keys(cfg, primary)
+    sections = _group_sections(cfg, primary) | _top_level_sections(cfg, primary)
+    _check_values(sections)
+    if primary == "eval":
+        return EvalConfig(**sections)
+    loop, budget = sections["train"], sections["budget"]
+    if loop.iterations and budget < 1:
+        # The one place `budget` acts: a fraction of the configured iterations (at least 1).
+        sections["train"] = replace(loop, iterations=max(1, round(loop.iterations * budget)))
+    return RunConfig(**sections)
+
+
+def _refuse_unknown_keys(cfg: DictConfig, primary: str) -> None:
+    allowed = set(TOP_LEVEL[primary]) | set(GROUPS) | {"hydra"}
     for key in cfg:
-        if key not in allowed and key not in GROUPS:
+        if key not in allowed:
             raise ConfigError(f"{key}: unknown key (remove it, or check its spelling)")
-    for group in groups_here:
+
+
+def _group_sections(cfg: DictConfig, primary: str) -> dict[str, Any]:
+    """Each config group's node typed by the schema its `name:` picks (a `model` node with a
+    `_target_` is any `nn.Module`). `eval` has only the groups it composes (hardware, logger)."""
+    sections: dict[str, Any] = {}
+    for group in (g for g in GROUPS if g in cfg or primary == "train"):
         node = cfg.get(group)
         if node is None:
             raise ConfigError(f"{group}: missing; choose one of {sorted(GROUPS[group])}")
         if group == "model" and isinstance(node, DictConfig) and "_target_" in node:
             spec = OmegaConf.to_container(node, resolve=True)
             spec.pop("name", None)
-            typed[group] = TargetModel(spec=spec)
+            sections[group] = TargetModel(spec=spec)
             continue
         name = node.get("name") if isinstance(node, DictConfig) else None
         registry = GROUPS[group]
@@ -96,26 +116,27 @@ def validate(cfg: DictConfig, primary: str = "train") -> dict[str, Any]:
             raise ConfigError(
                 f"{group}.name: unknown {group} {name!r} (choices: {sorted(registry)})"
             )
-        typed[group] = _typed(group, node, registry[name])
+        sections[group] = _typed(group, node, registry[name])
+    return sections
+
+
+def _top_level_sections(cfg: DictConfig, primary: str) -> dict[str, Any]:
+    """The primary config's own keys: dataclass sections (`train`, `eval`, `paper`) and values."""
+    sections: dict[str, Any] = {}
     for key, kind in TOP_LEVEL[primary].items():
         if isinstance(kind, type) and hasattr(kind, "__dataclass_fields__"):
             if key == "paper" and cfg.get(key) is None:
-                typed[key] = None  # only presets carry a paper reference
+                sections[key] = None  # only presets carry a paper reference
                 continue
-            typed[key] = _typed(key, cfg.get(key), kind)
-        else:
-            if OmegaConf.is_missing(cfg, key):
-                raise ConfigError(f"{key}: required; pass {key}=<value> on the command line")
-            value = cfg.get(key, 1.0) if key == "budget" else cfg.get(key)  # older runs: 1.0
-            if not isinstance(value, kind) or isinstance(value, bool) and kind is int:
-                raise ConfigError(f"{key}: expected {_kind_name(kind)}, got {value!r}")
-            typed[key] = value
-    _check_values(typed)
-    loop = typed.get("train")
-    if isinstance(loop, TrainLoop) and loop.iterations and typed.get("budget", 1.0) < 1:
-        # The one place `budget` acts: a fraction of the configured iterations (at least 1).
-        loop.iterations = max(1, round(loop.iterations * typed["budget"]))
-    return typed
+            sections[key] = _typed(key, cfg.get(key), kind)
+            continue
+        if OmegaConf.is_missing(cfg, key):
+            raise ConfigError(f"{key}: required; pass {key}=<value> on the command line")
+        value = cfg.get(key, 1.0) if key == "budget" else cfg.get(key)  # older runs: 1.0
+        if not isinstance(value, kind) or isinstance(value, bool) and kind is int:
+            raise ConfigError(f"{key}: expected {_kind_name(kind)}, got {value!r}")
+        sections[key] = value
+    return sections
 
 
 def _kind_name(kind: Any) -> str:
@@ -123,50 +144,76 @@ def _kind_name(kind: Any) -> str:
     return " or ".join("null" if k is type(None) else k.__name__ for k in kinds)
 
 
-def _check_values(typed: dict[str, Any]) -> None:
-    """Value checks the types alone cannot express."""
-    algorithm = typed.get("algorithm")
+def _check_values(sections: dict[str, Any]) -> None:
+    """Value checks the types alone cannot express: one small check per section, in this order
+    (the first problem found is the one reported)."""
+    algorithm, dataset, model = (sections.get(k) for k in ("algorithm", "dataset", "model"))
+    hardware, logger = sections.get("hardware"), sections.get("logger")
     if algorithm is not None:
-        _check(
-            algorithm.inner_lr >= 0, "algorithm.inner_lr", f"must be >= 0, got {algorithm.inner_lr}"
-        )
-        _check(algorithm.meta_lr > 0, "algorithm.meta_lr", f"must be > 0, got {algorithm.meta_lr}")
-        for key in ("inner_steps", "test_inner_steps"):
-            value = getattr(algorithm, key)
-            _check(value >= 0, f"algorithm.{key}", f"must be >= 0, got {value}")
-        _check(
-            algorithm.meta_batch_size >= 1,
-            "algorithm.meta_batch_size",
-            f"must be >= 1, got {algorithm.meta_batch_size}",
-        )
-        if algorithm.grad_clip is not None:
-            _check(algorithm.grad_clip > 0, "algorithm.grad_clip", "must be > 0 or null")
-        _check_optimizer(algorithm.meta_optimizer, algorithm.meta_lr)
-        _check(
-            algorithm.engine in ENGINES,
-            "algorithm.engine",
-            f"choose one of {', '.join(ENGINES)}, got {algorithm.engine!r}",
-        )
-    dataset = typed.get("dataset")
+        _check_algorithm(algorithm)
     if isinstance(dataset, SinusoidDataset):
-        _check_range("dataset.amplitude", dataset.amplitude)
-        _check_range("dataset.phase", dataset.phase)
-        _check_range("dataset.x_range", dataset.x_range)
-        _check(dataset.shots >= 1, "dataset.shots", f"must be >= 1, got {dataset.shots}")
-        _check(
-            dataset.query_shots >= 1,
-            "dataset.query_shots",
-            f"must be >= 1, got {dataset.query_shots}",
-        )
-        _check(
-            len(dataset.eval_shots) > 0 and min(dataset.eval_shots) >= 1,
-            "dataset.eval_shots",
-            f"must be a non-empty list of K >= 1, got {dataset.eval_shots}",
-        )
-        _check(dataset.eval_query_points >= 1, "dataset.eval_query_points", "must be >= 1")
+        _check_sinusoid(dataset)
     if isinstance(dataset, ImageDataset):
         _check_image_dataset(dataset)
-    model = typed.get("model")
+    if model is not None:
+        _check_model(model, dataset)
+    if "budget" in sections:
+        budget = sections["budget"]
+        ok = not isinstance(budget, bool) and 0 < budget <= 1
+        _check(ok, "budget", f"must be > 0 and <= 1, got {budget}")
+    if isinstance(sections.get("train"), TrainLoop):
+        _check_train_loop(sections["train"])
+    if isinstance(sections.get("eval"), EvalSettings):
+        _check_eval(sections["eval"])
+    _check_seeds(sections.get("seed"), getattr(dataset, "split_seed", None))
+    if hardware is not None:
+        _check_hardware(hardware, algorithm)
+    if isinstance(logger, WandbLogger):
+        _check(
+            logger.mode in ("offline", "online", "disabled"),
+            "logger.mode",
+            f"choose offline, online or disabled, got {logger.mode!r}",
+        )
+
+
+def _check_algorithm(algorithm: Algorithm) -> None:
+    _check(algorithm.inner_lr >= 0, "algorithm.inner_lr", f"must be >= 0, got {algorithm.inner_lr}")
+    _check(algorithm.meta_lr > 0, "algorithm.meta_lr", f"must be > 0, got {algorithm.meta_lr}")
+    for key in ("inner_steps", "test_inner_steps"):
+        value = getattr(algorithm, key)
+        _check(value >= 0, f"algorithm.{key}", f"must be >= 0, got {value}")
+    _check(
+        algorithm.meta_batch_size >= 1,
+        "algorithm.meta_batch_size",
+        f"must be >= 1, got {algorithm.meta_batch_size}",
+    )
+    if algorithm.grad_clip is not None:
+        _check(algorithm.grad_clip > 0, "algorithm.grad_clip", "must be > 0 or null")
+    _check_optimizer(algorithm.meta_optimizer, algorithm.meta_lr)
+    _check(
+        algorithm.engine in ENGINES,
+        "algorithm.engine",
+        f"choose one of {', '.join(ENGINES)}, got {algorithm.engine!r}",
+    )
+
+
+def _check_sinusoid(dataset: SinusoidDataset) -> None:
+    _check_range("dataset.amplitude", dataset.amplitude)
+    _check_range("dataset.phase", dataset.phase)
+    _check_range("dataset.x_range", dataset.x_range)
+    _check(dataset.shots >= 1, "dataset.shots", f"must be >= 1, got {dataset.shots}")
+    _check(
+        dataset.query_shots >= 1, "dataset.query_shots", f"must be >= 1, got {dataset.query_shots}"
+    )
+    _check(
+        len(dataset.eval_shots) > 0 and min(dataset.eval_shots) >= 1,
+        "dataset.eval_shots",
+        f"must be a non-empty list of K >= 1, got {dataset.eval_shots}",
+    )
+    _check(dataset.eval_query_points >= 1, "dataset.eval_query_points", "must be >= 1")
+
+
+def _check_model(model: Any, dataset: Any) -> None:
     if isinstance(model, Conv4Model):
         _check(model.filters >= 1, "model.filters", f"must be >= 1, got {model.filters}")
         _check(model.pooling in ("stride", "max"), "model.pooling", "choose stride or max")
@@ -175,13 +222,12 @@ def _check_values(typed: dict[str, Any]) -> None:
         _check(
             model.head_init in ("normal", "xavier"), "model.head_init", "choose normal or xavier"
         )
-    if dataset is not None and model is not None:
+    if dataset is not None:
         _check(
             not (isinstance(dataset, SinusoidDataset) and isinstance(model, Conv4Model)),
             "model",
             f"model {model.name!r} needs an image dataset; for sinusoid use model=mlp",
         )
-
     if isinstance(model, MLPModel):
         _check(
             all(h >= 1 for h in model.hidden),
@@ -198,56 +244,47 @@ def _check_values(typed: dict[str, Any]) -> None:
             "model.init",
             f"choose authors or torch, got {model.init!r}",
         )
-    if "budget" in typed:
-        budget = typed["budget"]
-        ok = not isinstance(budget, bool) and 0 < budget <= 1
-        _check(ok, "budget", f"must be > 0 and <= 1, got {budget}")
-    train = typed.get("train")
-    if isinstance(train, TrainLoop):
-        _check(train.iterations >= 0, "train.iterations", f"must be >= 0, got {train.iterations}")
-        for key in ("log_every", "val_every", "val_tasks", "checkpoint_every"):
-            _check(
-                getattr(train, key) >= 1, f"train.{key}", f"must be >= 1, got {getattr(train, key)}"
-            )
-    evaluation = typed.get("eval")
-    if isinstance(evaluation, EvalSettings):
+
+
+def _check_train_loop(train: TrainLoop) -> None:
+    _check(train.iterations >= 0, "train.iterations", f"must be >= 0, got {train.iterations}")
+    for key in ("log_every", "val_every", "val_tasks", "checkpoint_every"):
+        value = getattr(train, key)
+        _check(value >= 1, f"train.{key}", f"must be >= 1, got {value}")
+
+
+def _check_eval(evaluation: EvalSettings) -> None:
+    _check(evaluation.tasks >= 2, "eval.tasks", f"must be >= 2 for a CI, got {evaluation.tasks}")
+    _check(evaluation.plot_tasks >= 0, "eval.plot_tasks", "must be >= 0")
+    if evaluation.inner_steps is not None:
+        _check(evaluation.inner_steps >= 0, "eval.inner_steps", "must be >= 0 or null")
+    if evaluation.shots is not None:
         _check(
-            evaluation.tasks >= 2, "eval.tasks", f"must be >= 2 for a CI, got {evaluation.tasks}"
+            len(evaluation.shots) > 0 and min(evaluation.shots) >= 1,
+            "eval.shots",
+            f"must be a non-empty list of K >= 1 or null, got {evaluation.shots}",
         )
-        _check(evaluation.plot_tasks >= 0, "eval.plot_tasks", "must be >= 0")
-        if evaluation.inner_steps is not None:
-            _check(evaluation.inner_steps >= 0, "eval.inner_steps", "must be >= 0 or null")
-        if evaluation.shots is not None:
-            _check(
-                len(evaluation.shots) > 0 and min(evaluation.shots) >= 1,
-                "eval.shots",
-                f"must be a non-empty list of K >= 1 or null, got {evaluation.shots}",
-            )
-    seeds = {"seed": typed.get("seed")}  # NumPy's and PyTorch's seeds are unsigned 32-bit
-    seeds["dataset.split_seed"] = getattr(typed.get("dataset"), "split_seed", None)
-    for key, seed in seeds.items():
-        if seed is not None:
-            _check(0 <= seed < 2**32, key, f"must be in [0, 2**32), got {seed}")
-    hardware = typed.get("hardware")
-    if hardware is not None:
-        _check(
-            DEVICE_PATTERN.fullmatch(hardware.device) is not None,
-            "hardware.device",
-            f"choose cpu, cuda or cuda:N, got {hardware.device!r}",
-        )
-        _check(
-            hardware.threads >= 0,
-            "hardware.threads",
-            f"must be >= 1, or 0 for all cores, got {hardware.threads}",
-        )
-        _check_cuda_options(hardware, algorithm)
-    logger = typed.get("logger")
-    if isinstance(logger, WandbLogger):
-        _check(
-            logger.mode in ("offline", "online", "disabled"),
-            "logger.mode",
-            f"choose offline, online or disabled, got {logger.mode!r}",
-        )
+
+
+def _check_seeds(seed: int | None, split_seed: int | None) -> None:
+    """NumPy's and PyTorch's seeds are unsigned 32-bit."""
+    for key, value in (("seed", seed), ("dataset.split_seed", split_seed)):
+        if value is not None:
+            _check(0 <= value < 2**32, key, f"must be in [0, 2**32), got {value}")
+
+
+def _check_hardware(hardware: Hardware, algorithm: Algorithm | None) -> None:
+    _check(
+        DEVICE_PATTERN.fullmatch(hardware.device) is not None,
+        "hardware.device",
+        f"choose cpu, cuda or cuda:N, got {hardware.device!r}",
+    )
+    _check(
+        hardware.threads >= 0,
+        "hardware.threads",
+        f"must be >= 1, or 0 for all cores, got {hardware.threads}",
+    )
+    _check_cuda_options(hardware, algorithm)
 
 
 def _check_cuda_options(hardware: Hardware, algorithm: Algorithm | None) -> None:

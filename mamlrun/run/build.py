@@ -17,8 +17,6 @@ from torch import nn
 
 from mamlrun.config.compose import error_line
 from mamlrun.config.schema import Algorithm, Hardware, ImageDataset, SinusoidDataset, TargetModel
-from mamlrun.data.miniimagenet import load_miniimagenet
-from mamlrun.data.omniglot import load_omniglot, omniglot_splits
 from mamlrun.data.sinusoid import SinusoidTasks
 from mamlrun.errors import UserError
 from mamlrun.maml.l2l_engine import Learn2LearnEngine
@@ -37,6 +35,9 @@ def task_type(dataset: Any) -> str:
 @functools.lru_cache(maxsize=4)
 def _split_images(name: str, root: str, download: bool, split_seed: int) -> dict[str, tuple]:
     """(images, classes) per split; read once per process (train, validation and test share it)."""
+    # imported on use: sinusoid runs need no image code
+    from mamlrun.data.miniimagenet import load_miniimagenet
+    from mamlrun.data.omniglot import load_omniglot, omniglot_splits
 
     if name == "omniglot":
         data = load_omniglot(Path(root).expanduser(), download=download)

@@ -21,17 +21,22 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from mamlrun import console
-from mamlrun.config.schema import EvalSettings, ImageDataset
+from mamlrun.config.schema import (
+    Algorithm,
+    EvalSettings,
+    ImageDataset,
+    RunConfig,
+    SinusoidDataset,
+)
 from mamlrun.config.validate import validate
 from mamlrun.errors import UserError
 from mamlrun.maml.l2l_engine import Learn2LearnEngine
+from mamlrun.run import rundir
 from mamlrun.run.build import engine_for, eval_shots, model_for, setting_label, task_sampler
-from mamlrun.run.plots import evaluation_plots
 from mamlrun.run.rundir import load, resolve
 from mamlrun.run.runtime import seed_everything, select_device
-from mamlrun.run.tracking import Tracker
+from mamlrun.run.tracking import Tracker, make_tracker
 
-EVAL_FILE = "eval.json"
 # Tasks adapted per call while evaluating; bounds memory for large models.
 EVAL_CHUNK = 100
 
@@ -68,12 +73,12 @@ def adaptation_curves(
 
 def evaluate(
     engine: Learn2LearnEngine,
-    typed: dict[str, Any],
+    dataset: Any,
+    algorithm: Algorithm,
     settings: EvalSettings,
     device: torch.device,
 ) -> dict[str, Any]:
     """Evaluate `engine.model` on `settings.tasks` test tasks per K; returns eval.json's dict."""
-    dataset, algorithm = typed["dataset"], typed["algorithm"]
     steps = algorithm.test_inner_steps if settings.inner_steps is None else settings.inner_steps
     results: dict[str, Any] = {}
     started = time.perf_counter()
@@ -138,9 +143,50 @@ def table_rows(report: dict[str, Any]) -> tuple[list[str], list[list[Any]]]:
     return columns, rows
 
 
+# Sinusoid tasks drawn for the fit plot (paper Figure 2): per K, predictions after these steps.
+FIT_SHOTS, FIT_STEPS = (5, 10), (0, 1, 10)
+
+
+def sinusoid_fits(
+    engine: Learn2LearnEngine, dataset: SinusoidDataset, seed: int, count: int, device
+):
+    """What the fit plot shows: `count` test tasks per K in FIT_SHOTS, their curves and support
+    points, and the adapted model's predictions on a grid after each of FIT_STEPS."""
+    from mamlrun.run.plots import SinusoidFit
+
+    grid = torch.linspace(*dataset.x_range, 200, device=device).view(-1, 1)
+    fits = []
+    for shots in FIT_SHOTS:
+        batch = task_sampler(dataset, "test", seed=seed, shots=shots).sample(count)
+        for task in range(count):
+            support_x, support_y = (t[task].to(device) for t in (batch.support_x, batch.support_y))
+            truth = batch.amplitude[task] * torch.sin(grid.cpu() - batch.phase[task])
+            outputs = engine.predictions(support_x, support_y, grid, list(FIT_STEPS))
+            predictions = {step: output.cpu() for step, output in outputs.items()}
+            fits.append(
+                SinusoidFit(shots, grid.cpu(), truth, support_x.cpu(), support_y.cpu(), predictions)
+            )
+    return fits
+
+
+def _plots(
+    report: dict[str, Any], config: RunConfig, engine: Learn2LearnEngine, run_dir: Path, device
+) -> list[Path]:
+    from mamlrun.run import plots  # matplotlib once there is a plot to draw
+
+    paths = [plots.adaptation_plot(report, run_dir / rundir.ADAPTATION)]
+    settings = config.eval
+    if isinstance(config.dataset, SinusoidDataset) and settings.plot_tasks > 0:
+        fits = sinusoid_fits(engine, config.dataset, settings.seed, settings.plot_tasks, device)
+        paths.append(
+            plots.sinusoid_fits(fits, config.dataset.x_range, run_dir / rundir.SINUSOID_FITS)
+        )
+    return paths
+
+
 def evaluate_and_report(
     engine: Learn2LearnEngine,
-    typed: dict[str, Any],
+    config: RunConfig,
     device: torch.device,
     run_dir: Path,
     tracker: Tracker,
@@ -148,11 +194,12 @@ def evaluate_and_report(
     iteration: int,
     step: int,
 ) -> dict[str, Any]:
-    """Evaluate with `typed["eval"]`, then write eval.json and the plots, print the table and send
-    both to the tracker at `step`. Shared by `mamlrun eval` and the end of training."""
-    report = evaluate(engine, typed, typed["eval"], device)
+    """Evaluate with `config.eval` on `config.dataset`'s test tasks, then write eval.json and the
+    plots, print the table and send both to the tracker at `step`. Shared by `mamlrun eval` and
+    the end of training."""
+    report = evaluate(engine, config.dataset, config.algorithm, config.eval, device)
     report.update(checkpoint=str(checkpoint), iteration=iteration)
-    (run_dir / EVAL_FILE).write_text(json.dumps(report, indent=2) + "\n")
+    (run_dir / rundir.EVAL).write_text(json.dumps(report, indent=2) + "\n")
     columns, rows = table_rows(report)
     title = (
         f"Test: {report['tasks']} tasks, mean ± 95% CI ({report['dataset']}, {report['algorithm']})"
@@ -160,37 +207,38 @@ def evaluate_and_report(
     console.print_table(title, columns, rows)
     tracker.log(headline(report), step=step)
     tracker.log_table("test/table", columns, rows, step=step)
-
-    tracker.log_images(evaluation_plots(report, run_dir, engine, typed, device), step=step)
+    tracker.log_images(_plots(report, config, engine, run_dir, device), step=step)
     return report
 
 
 def run_eval(cfg: DictConfig) -> dict[str, float]:
     """`mamlrun eval checkpoint=<run dir or .pt>`: evaluate a trained model, write eval.json."""
     settings = validate(cfg, primary="eval")
-    checkpoint_path = resolve(settings["checkpoint"])
+    checkpoint_path = resolve(settings.checkpoint)
     payload = load(checkpoint_path)
     trained = validate(OmegaConf.create(payload["config"]), primary="train")
     # The model's config comes from the checkpoint; how to run and score it, from this command.
-    typed = {**trained, **{k: settings[k] for k in ("hardware", "logger", "eval")}}
-    if settings["data_root"] is not None:  # the data is elsewhere on this machine
-        if not isinstance(typed["dataset"], ImageDataset):
-            raise UserError(f"data_root: the {typed['dataset'].name} dataset reads no files")
-        typed["dataset"] = dataclasses.replace(typed["dataset"], root=settings["data_root"])
-    device = select_device(settings["hardware"])
-    seed_everything(settings["seed"])
-    model = model_for(typed["model"], typed["dataset"]).to(device)
+    config = dataclasses.replace(
+        trained, hardware=settings.hardware, logger=settings.logger, eval=settings.eval
+    )
+    if settings.data_root is not None:  # the data is elsewhere on this machine
+        if not isinstance(config.dataset, ImageDataset):
+            raise UserError(f"data_root: the {config.dataset.name} dataset reads no files")
+        dataset = dataclasses.replace(config.dataset, root=settings.data_root)
+        config = dataclasses.replace(config, dataset=dataset)
+    device = select_device(settings.hardware)
+    seed_everything(settings.seed)
+    model = model_for(config.model, config.dataset).to(device)
     model.load_state_dict(payload["model"])
-    engine = engine_for(model, typed["algorithm"], typed["dataset"], typed["hardware"])
+    engine = engine_for(model, config.algorithm, config.dataset, config.hardware)
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     console.info(f"Evaluating {checkpoint_path} (iteration {payload['iteration']}) → {run_dir}")
-    from mamlrun.run.train import make_tracker
-
-    tracker = make_tracker(typed, run_dir, payload["config"] | {"checkpoint": str(checkpoint_path)})
+    record = payload["config"] | {"checkpoint": str(checkpoint_path)}
+    tracker = make_tracker(settings.logger, run_dir, record)
     try:
         iteration = payload["iteration"]
         report = evaluate_and_report(
-            engine, typed, device, run_dir, tracker, checkpoint_path, iteration, step=iteration
+            engine, config, device, run_dir, tracker, checkpoint_path, iteration, step=iteration
         )
     finally:
         tracker.finish()

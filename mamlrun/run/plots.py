@@ -1,8 +1,12 @@
 """PNG plots of a run: learning curves, the test metric over adaptation steps (paper Figure 3
-style) and, for sinusoid, fits before and after adaptation (paper Figure 2 style)."""
+style) and, for sinusoid, fits before and after adaptation (paper Figure 2 style).
+
+Pure drawing: numbers in, a PNG at the given path out. What to draw (the adapted predictions) is
+computed by `mamlrun.run.evaluation`; matplotlib is imported only when there is a plot to draw."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -12,12 +16,6 @@ matplotlib.use("Agg")  # no display on training machines
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
-from mamlrun.config.schema import SinusoidDataset
-from mamlrun.run.build import task_sampler
-
-FIT_STEPS = (0, 1, 10)  # predictions shown in the sinusoid fit plot
-FIT_SHOTS = (5, 10)
-
 
 def _save(fig: plt.Figure, path: Path, dpi: int = 120) -> Path:
     fig.tight_layout()
@@ -26,7 +24,7 @@ def _save(fig: plt.Figure, path: Path, dpi: int = 120) -> Path:
     return path
 
 
-def learning_curves(rows: list[dict[str, Any]], run_dir: Path, metric: str) -> Path:
+def learning_curves(rows: list[dict[str, Any]], metric: str, path: Path) -> Path:
     """Meta-train query loss before/after adaptation, and the validation metric, vs iteration."""
     train = [r for r in rows if r["split"] == "train"]
     val = [r for r in rows if r["split"] == "val"]
@@ -49,61 +47,59 @@ def learning_curves(rows: list[dict[str, Any]], run_dir: Path, metric: str) -> P
         if ax.has_data():
             ax.legend()
         ax.grid(alpha=0.3)
-    return _save(fig, run_dir / "learning_curves.png")
+    return _save(fig, path)
 
 
-def adaptation_plot(report: dict[str, Any], run_dir: Path) -> Path:
+def adaptation_plot(report: dict[str, Any], path: Path) -> Path:
     """Test metric (mean ± 95% CI, and median) against adaptation steps, one line per setting."""
     curves = {label: result[report["metric"]] for label, result in report["results"].items()}
     title = f"{report['algorithm']}, test"
-    return adaptation_comparison(curves, {}, report["metric"], title, run_dir / "adaptation.png")
+    return adaptation_comparison(curves, {}, report["metric"], title, path)
 
 
-def sinusoid_fits(
-    engine: Any, dataset: SinusoidDataset, seed: int, count: int, run_dir: Path, device
-) -> Path:
-    """Ground truth, the K support points, and predictions after 0, 1 and 10 steps (Figure 2)."""
-    grid = torch.linspace(*dataset.x_range, 200, device=device).view(-1, 1)
-    fig, axes = plt.subplots(len(FIT_SHOTS), count, figsize=(4 * count, 3.2 * len(FIT_SHOTS)))
-    axes = [[axes]] if count == 1 and len(FIT_SHOTS) == 1 else axes
-    for row, shots in enumerate(FIT_SHOTS):
-        batch = task_sampler(dataset, "test", seed=seed, shots=shots).sample(count)
-        for col in range(count):
-            ax = axes[row][col] if count > 1 else axes[row]
-            support_x, support_y = (t[col].to(device) for t in (batch.support_x, batch.support_y))
-            truth = batch.amplitude[col] * torch.sin(grid.cpu() - batch.phase[col])
-            ax.plot(grid.cpu(), truth, color="red", label="ground truth")
-            ax.scatter(
-                support_x.cpu(),
-                support_y.cpu(),
-                marker="^",
-                color="purple",
-                zorder=3,
-                label="used for grad",
-            )
-            outputs = engine.predictions(support_x, support_y, grid, list(FIT_STEPS))
-            styles = {0: ":", 1: "--", 10: "-"}
-            for step, prediction in outputs.items():
-                name = "pre-update" if step == 0 else f"{step} grad step{'s' * (step > 1)}"
-                ax.plot(grid.cpu(), prediction.cpu(), styles[step], color="green", label=name)
-            ax.set_title(f"K={shots}, task {col + 1}")
-            ax.set_xlim(*dataset.x_range)
-    (axes[0][0] if count > 1 else axes[0]).legend(fontsize=7, loc="lower left")
-    return _save(fig, run_dir / "sinusoid_fits.png", dpi=110)
+@dataclass
+class SinusoidFit:
+    """One sinusoid test task for Figure 2: its curve, its K support points, and the adapted
+    model's predictions on `grid` after each number of steps."""
+
+    shots: int
+    grid: torch.Tensor  # [points, 1]
+    truth: torch.Tensor  # [points, 1]
+    support_x: torch.Tensor
+    support_y: torch.Tensor
+    predictions: dict[int, torch.Tensor]
 
 
-def evaluation_plots(
-    report: dict[str, Any], run_dir: Path, engine: Any, typed: dict[str, Any], device
-) -> list[Path]:
-    paths = [adaptation_plot(report, run_dir)]
-    settings = typed["eval"]
-    if isinstance(typed["dataset"], SinusoidDataset) and settings.plot_tasks > 0:
-        paths.append(
-            sinusoid_fits(
-                engine, typed["dataset"], settings.seed, settings.plot_tasks, run_dir, device
-            )
+FIT_STYLES = {0: ":", 1: "--", 10: "-"}  # line style per number of steps
+
+
+def sinusoid_fits(fits: list[SinusoidFit], x_range: list[float], path: Path) -> Path:
+    """Ground truth, the K support points, and predictions after 0, 1 and 10 steps (Figure 2):
+    one row per K, one column per task."""
+    shots = list(dict.fromkeys(fit.shots for fit in fits))
+    count = len(fits) // len(shots)
+    fig, axes = plt.subplots(
+        len(shots), count, figsize=(4 * count, 3.2 * len(shots)), squeeze=False
+    )
+    for index, fit in enumerate(fits):
+        row, col = divmod(index, count)
+        ax = axes[row][col]
+        ax.plot(fit.grid, fit.truth, color="red", label="ground truth")
+        ax.scatter(
+            fit.support_x,
+            fit.support_y,
+            marker="^",
+            color="purple",
+            zorder=3,
+            label="used for grad",
         )
-    return paths
+        for step, prediction in fit.predictions.items():
+            name = "pre-update" if step == 0 else f"{step} grad step{'s' * (step > 1)}"
+            ax.plot(fit.grid, prediction, FIT_STYLES[step], color="green", label=name)
+        ax.set_title(f"K={fit.shots}, task {col + 1}")
+        ax.set_xlim(*x_range)
+    axes[0][0].legend(fontsize=7, loc="lower left")
+    return _save(fig, path, dpi=110)
 
 
 def adaptation_comparison(

@@ -1,4 +1,8 @@
-"""Self-describing checkpoints: weights, optimizer, every RNG state, iteration and resolved config.
+"""A run directory: the name of every file in it, and its self-describing checkpoints.
+
+`mamlrun train` writes, `mamlrun eval` adds to, and `mamlrun report` / `reproduce` read these
+files; all of them name the files through this module. Checkpoints hold the weights, optimizer,
+every RNG state, iteration and resolved config.
 
 A checkpoint holds everything needed to continue a run bit-for-bit on the CPU (`resume=`) or to
 evaluate it without the original config files (`mamlrun eval checkpoint=`). Files are written to a
@@ -17,7 +21,29 @@ import torch
 
 from mamlrun.errors import UserError
 
+# Files of a run directory (Hydra writes .hydra/, wandb writes wandb/ when logger=wandb).
 CHECKPOINT_DIR = "checkpoints"
+LAST, BEST = "last.pt", "best.pt"  # the latest checkpoint; the best one by validation
+METRICS = "metrics.jsonl"  # one JSON object per logged point
+EVAL = "eval.json"  # the test results
+HYDRA_DIR = ".hydra"
+CONFIG, OVERRIDES = "config.yaml", "overrides.yaml"  # in .hydra/: the composed config, overrides
+LEARNING_CURVES = "learning_curves.png"
+ADAPTATION = "adaptation.png"
+SINUSOID_FITS = "sinusoid_fits.png"
+
+
+def checkpoint_path(run_dir: Path, name: str = LAST) -> Path:
+    return run_dir / CHECKPOINT_DIR / name
+
+
+def hydra_file(run_dir: Path, name: str) -> Path:
+    """A file Hydra wrote for the run: CONFIG or OVERRIDES."""
+    return run_dir / HYDRA_DIR / name
+
+
+def is_run_dir(path: Path) -> bool:
+    return any((path / name).exists() for name in (HYDRA_DIR, EVAL, CHECKPOINT_DIR))
 
 
 def rng_state() -> dict[str, Any]:
@@ -47,7 +73,7 @@ def save(path: Path, payload: dict[str, Any]) -> None:
     os.replace(tmp, path)
 
 
-def resolve(path_or_run_dir: str | Path, prefer: str = "best.pt") -> Path:
+def resolve(path_or_run_dir: str | Path, prefer: str = BEST) -> Path:
     """A checkpoint file from a file path or a run directory (its `checkpoints/<prefer>`).
 
     Raises:
@@ -55,7 +81,7 @@ def resolve(path_or_run_dir: str | Path, prefer: str = "best.pt") -> Path:
     """
     path = Path(path_or_run_dir).expanduser()
     if path.is_dir():
-        names = dict.fromkeys((prefer, "last.pt"))  # in order, once each
+        names = dict.fromkeys((prefer, LAST))  # in order, once each
         for name in names:
             if (path / CHECKPOINT_DIR / name).is_file():
                 return path / CHECKPOINT_DIR / name

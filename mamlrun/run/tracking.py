@@ -11,12 +11,21 @@ import os
 from pathlib import Path
 from typing import Any, Protocol
 
-from mamlrun.errors import UserError
+from hydra.core.hydra_config import HydraConfig
 
-METRICS_FILE = "metrics.jsonl"
+from mamlrun.config.schema import NoLogger, WandbLogger
+from mamlrun.errors import UserError
+from mamlrun.run.rundir import METRICS
 
 
 class Tracker(Protocol):
+    """Where a run's metrics, plots and tables go besides metrics.jsonl.
+
+    `run_id` names the tracker's run, saved in checkpoints so that `resume=` continues it
+    (None: nothing to continue)."""
+
+    @property
+    def run_id(self) -> str | None: ...
     def log(self, row: dict[str, Any], step: int) -> None: ...
     def log_images(self, paths: list[Path], step: int) -> None: ...
     def log_table(
@@ -27,6 +36,8 @@ class Tracker(Protocol):
 
 class NullTracker:
     """`logger=none`."""
+
+    run_id = None  # nothing to resume
 
     def log(self, row: dict[str, Any], step: int) -> None:
         pass
@@ -108,7 +119,7 @@ class MetricsFile:
     """Append-only `metrics.jsonl`: one JSON object per logged point (iteration, split, metrics)."""
 
     def __init__(self, run_dir: Path, keep_until: int | None = None) -> None:
-        self.path = run_dir / METRICS_FILE
+        self.path = run_dir / METRICS
         if keep_until is not None and self.path.exists():
             # Resuming: rows logged after the checkpoint will be logged again, identically.
             kept = [r for r in read_metrics(self.path) if r["iteration"] <= keep_until]
@@ -130,3 +141,31 @@ def read_metrics(path: Path) -> list[dict[str, Any]]:
 def prefixed(split: str, row: dict[str, Any]) -> dict[str, Any]:
     """`split/name` keys for a metrics row, without its bookkeeping fields."""
     return {f"{split}/{k}": v for k, v in row.items() if k not in ("iteration", "split")}
+
+
+def make_tracker(
+    logger: WandbLogger | NoLogger,
+    run_dir: Path,
+    config: dict[str, Any],
+    resume_id: str | None = None,
+) -> Tracker:
+    """The experiment tracker chosen by `logger=`; run name and group derive from the run's
+    config (dataset, algorithm, seed), and a multirun job's name carries its number."""
+    if logger.name == "none":
+        return NullTracker()
+    group = logger.group or f"{config['dataset']['name']}-{config['algorithm']['name']}"
+    name = logger.run_name or f"{group}-seed{config.get('seed', 0)}"
+    job = HydraConfig.get().job.get("num") if HydraConfig.initialized() else None
+    if job is not None and HydraConfig.get().mode.name == "MULTIRUN":
+        name = f"{name}-job{job}"
+    return WandbTracker(
+        run_dir,
+        config,
+        logger.mode,
+        logger.project,
+        name,
+        group,
+        logger.entity,
+        logger.tags,
+        resume_id=resume_id,
+    )

@@ -1,0 +1,248 @@
+"""The meta-training loop of one run: set-up, steps, logging, validation and checkpoints.
+
+One iteration: draw a meta-batch of tasks, let the engine adapt to each task and accumulate the
+meta-gradient of the query loss, clip it if asked, take an outer optimizer step (`MetaStep`).
+Around that: logging every `train.log_every` iterations, validation on a fixed set of held-out
+tasks every `train.val_every`, `checkpoints/last.pt` every `train.checkpoint_every` and
+`checkpoints/best.pt` whenever validation improves. A checkpoint carries every RNG state and the
+sampler state, so `resume=` continues exactly where the run stopped (identical parameters and
+metrics on the CPU).
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from mamlrun import console
+from mamlrun.config.schema import RunConfig
+from mamlrun.config.validate import captures_cuda_graph
+from mamlrun.maml.step import MetaStep, read_stats
+from mamlrun.run import rundir
+from mamlrun.run.build import (
+    VALIDATION_SEED_OFFSET,
+    engine_for,
+    meta_optimizer,
+    model_for,
+    task_sampler,
+)
+from mamlrun.run.runtime import seed_everything, select_device
+from mamlrun.run.tracking import MetricsFile, make_tracker, prefixed, read_metrics
+
+
+class Trainer:
+    """Meta-trains the model of `config` in `run_dir`, from scratch or from a checkpoint's
+    `payload` (resume).
+
+    Args:
+        config: the validated run config.
+        run_dir: where the run's files go (`mamlrun.run.rundir`).
+        record: the resolved config as plain data: saved in checkpoints and sent to the tracker.
+        payload: a loaded `last.pt` to continue from, or None.
+
+    Example:
+        >>> trainer = Trainer(config, run_dir, record)
+        >>> trainer.fit()
+        >>> trainer.evaluate()
+    """
+
+    def __init__(
+        self,
+        config: RunConfig,
+        run_dir: Path,
+        record: dict[str, Any],
+        payload: dict[str, Any] | None = None,
+    ) -> None:
+        self.config, self.run_dir, self.record = config, run_dir, record
+        self.device = select_device(config.hardware)
+        seed_everything(config.seed)
+        if config.print_config:
+            console.print_config_tree(record, title=f"mamlrun train → {run_dir}")
+        self._build()
+        self.start, self.best, self.window = 0, None, []
+        if payload is not None:
+            self._restore(payload)
+        algorithm, hardware = config.algorithm, config.hardware
+        # after loading the optimizer's state: the step may switch on its `capturable` option
+        self.meta_step = MetaStep(
+            self.engine,
+            self.optimizer,
+            algorithm.grad_clip,
+            cuda_graph=captures_cuda_graph(hardware, algorithm),
+            bf16=hardware.precision == "bf16",
+        )
+        self.metrics = MetricsFile(run_dir, keep_until=self.start if payload else None)
+        resume_id = (payload or {}).get("wandb_id")
+        self.tracker = make_tracker(config.logger, run_dir, record, resume_id=resume_id)
+        self.seconds = 0.0
+
+    def _build(self) -> None:
+        """Model, engine, outer optimizer, the training sampler and the fixed validation tasks
+        (in this order: the model's initialization draws from the seeded global RNG)."""
+        config, device = self.config, self.device
+        dataset, algorithm = config.dataset, config.algorithm
+        self.model = model_for(config.model, dataset).to(device)
+        self.engine = engine_for(self.model, algorithm, dataset, config.hardware)
+        self.optimizer = meta_optimizer(self.model, algorithm)
+        params = sum(p.numel() for p in self.model.parameters())
+        console.info(f"model <{config.model.name}> with {params:,} parameters on {device}")
+        self.train_tasks = task_sampler(dataset, "train", seed=config.seed, device=device)
+        val_seed = config.eval.seed + VALIDATION_SEED_OFFSET
+        val_sampler = task_sampler(dataset, "val", seed=val_seed)
+        self.val_batch = val_sampler.sample(config.train.val_tasks).to(device)
+
+    def _restore(self, payload: dict[str, Any]) -> None:
+        self.model.load_state_dict(payload["model"])
+        self.optimizer.load_state_dict(payload["optimizer"])
+        self.train_tasks.load_state_dict(payload["sampler"])
+        rundir.set_rng_state(payload["rng"])
+        self.start, self.best, self.window = (
+            payload["iteration"],
+            payload["best"],
+            payload["window"],
+        )
+        console.info(f"resuming {self.run_dir} from iteration {self.start}")
+
+    @property
+    def metric(self) -> str:
+        return self.engine.metric_name
+
+    def fit(self) -> None:
+        """Train from the start iteration to `train.iterations`, with a progress bar."""
+        loop, started = self.config.train, time.perf_counter()
+        bar = console.progress()
+        with bar:
+            task = bar.add_task(
+                "train", total=loop.iterations, completed=self.start, speed="", losses=""
+            )
+            for iteration in range(self.start + 1, loop.iterations + 1):
+                last = iteration == loop.iterations
+                logged = iteration % loop.log_every == 0 or last
+                self._step(logged)
+                if logged:
+                    self._log(iteration, started, bar, task)
+                if iteration % loop.val_every == 0 or last:
+                    self._validate(iteration)
+                if iteration % loop.checkpoint_every == 0 or last:
+                    self._checkpoint(rundir.LAST, iteration)
+                bar.update(task, completed=iteration)
+        self.seconds = time.perf_counter() - started
+
+    def _step(self, logged: bool) -> None:
+        """One meta-iteration. The pre-adaptation query loss costs an extra forward pass:
+        measured only on the last meta-batch of each logging window (the post-adaptation one on
+        all). Statistics stay on the device until logged: no wait for the GPU per iteration."""
+        algorithm = self.config.algorithm
+        batch = self.train_tasks.sample(algorithm.meta_batch_size).to(self.device)
+        self.window.append(self.meta_step(batch, algorithm.inner_steps, measure_before=logged))
+
+    def _log(self, iteration: int, started: float, bar, task) -> None:
+        """The logging window's mean statistics: to metrics.jsonl, the tracker and the bar."""
+        means = _window_means(read_stats(self.window), self.metric)
+        self.window = []
+        if self.device.type == "cuda":
+            means["gpu_peak_mib"] = torch.cuda.max_memory_allocated(self.device) / 2**20
+        row = self.metrics.write(iteration, "train", means)
+        self.tracker.log(prefixed("train", row), iteration)
+        rate = (iteration - self.start) / (time.perf_counter() - started)
+        losses = f"loss {means['loss_pre']:.4f} → {means['loss_post']:.4f}"
+        bar.update(task, speed=f"{rate:.1f} it/s", losses=losses)
+        if not console.console.is_terminal:  # logs and pipes get a plain line
+            total = self.config.train.iterations
+            console.info(f"iteration {iteration}/{total} {rate:.1f} it/s {losses}")
+
+    def _validate(self, iteration: int) -> None:
+        """Validation on the fixed held-out tasks; a better score writes `best.pt`."""
+        steps = self.config.algorithm.test_inner_steps
+        val = validation_metrics(self.engine, self.val_batch, steps)
+        self.tracker.log(prefixed("val", self.metrics.write(iteration, "val", val)), iteration)
+        score = val[f"{self.metric}_step{steps}"]
+        sign = 1.0 if self.engine.higher_is_better else -1.0
+        if self.best is None or sign * score > sign * self.best["value"]:
+            self.best = {"value": score, "iteration": iteration}
+            self._checkpoint(rundir.BEST, iteration)
+
+    def _checkpoint(self, name: str, iteration: int) -> None:
+        rundir.save(
+            rundir.checkpoint_path(self.run_dir, name),
+            {
+                "model": self.model.state_dict(),
+                "optimizer": self.optimizer.state_dict(),
+                "sampler": self.train_tasks.state_dict(),
+                "rng": rundir.rng_state(),
+                "iteration": iteration,
+                "best": self.best,
+                "window": read_stats(self.window),
+                "config": self.record,
+                "metric": self.metric,
+                "wandb_id": self.tracker.run_id,
+            },
+        )
+
+    def summarize(self) -> None:
+        """The learning-curve plot and the training summary table."""
+        loop = self.config.train
+        path = self.run_dir / rundir.METRICS
+        # train.iterations=0 trains nothing and logs nothing: the test evaluates the initialization
+        rows = read_metrics(path) if path.exists() else []
+        if rows:
+            from mamlrun.run import plots  # matplotlib once there is a plot to draw
+
+            curves = plots.learning_curves(rows, self.metric, self.run_dir / rundir.LEARNING_CURVES)
+            self.tracker.log_images([curves], step=loop.iterations)
+        done = loop.iterations - self.start
+        summary = [
+            ["iterations", f"{loop.iterations:,} ({done:,} this session)"],
+            ["wall time", f"{self.seconds:.1f} s ({done / max(self.seconds, 1e-9):.1f} it/s)"],
+        ]
+        if self.best is not None:
+            best = f"{self.best['value']:.4f} (iteration {self.best['iteration']})"
+            summary.append([f"best val {self.metric}", best])
+        train_rows = [r for r in rows if r["split"] == "train"]
+        if train_rows:
+            losses = f"{train_rows[-1]['loss_pre']:.4f} → {train_rows[-1]['loss_post']:.4f}"
+            summary.append(["final train loss", losses])
+        console.print_table(f"Training summary: {self.run_dir}", ["", "value"], summary)
+
+    def evaluate(self) -> None:
+        """The test protocol on `best.pt` (the initialization where no validation ran)."""
+        from mamlrun.run.evaluation import evaluate_and_report
+
+        best_path = rundir.checkpoint_path(self.run_dir, rundir.BEST)
+        if best_path.exists():
+            self.model.load_state_dict(rundir.load(best_path)["model"])
+        best_iteration = (self.best or {}).get("iteration", 0)
+        evaluate_and_report(
+            self.engine,
+            self.config,
+            self.device,
+            self.run_dir,
+            self.tracker,
+            best_path,
+            best_iteration,
+            self.config.train.iterations,
+        )
+
+
+def _window_means(window: list[dict[str, float]], metric: str) -> dict[str, float]:
+    """Mean of each statistic over a logging window, named with the task type's metric."""
+    means = {key: statistics.fmean(s[key] for s in window if key in s) for key in window[-1]}
+    if metric == "mse":  # the metric is the loss: do not log it twice
+        means = {k: v for k, v in means.items() if not k.startswith("metric")}
+    return {k.replace("metric", metric): v for k, v in means.items()}
+
+
+def validation_metrics(engine, val_batch, steps: int) -> dict[str, float]:
+    """Mean query metric (and loss, for classification) after 0..steps steps on the fixed
+    validation tasks. Engines bound their own memory (the vmap engine adapts in chunks)."""
+    result: dict[str, float] = {}
+    for key, values in engine.adaptation_curve(val_batch, steps).items():
+        if key == "loss" and engine.metric_name == "mse":
+            continue  # for regression the metric is the loss
+        mean = values.double().mean(dim=0)
+        result.update({f"{key}_step{s}": float(v) for s, v in enumerate(mean)})
+    return result
