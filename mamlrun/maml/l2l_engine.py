@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from mamlrun.maml.batch import TaskBatch
-from mamlrun.maml.objectives import TASK_TYPES
+from mamlrun.maml.objectives import TASK_TYPES, LossFn
 
 
 def import_learn2learn():
@@ -49,6 +49,9 @@ class Learn2LearnEngine:
         >>> stats = engine.meta_backward(batch, inner_steps=1)  # gradients now in model.grad
         >>> optimizer.step()
     """
+
+    # It reads every task's loss on the host (`.item()`) as it goes: no CUDA graph.
+    capturable = False
 
     def __init__(
         self,
@@ -106,6 +109,23 @@ class Learn2LearnEngine:
             totals["loss_post"] += query_loss.item()
             totals["metric_post"] += self.metric_fn(logits.detach(), query_y).item()
         return {key: value / tasks for key, value in totals.items()}
+
+    def meta_gradient(
+        self, batch: TaskBatch, inner_steps: int, measure_before: bool = True
+    ) -> dict[str, float]:
+        """`meta_backward`: this engine reads its statistics on the host anyway, task by task,
+        so they are floats here too."""
+        return self.meta_backward(batch, inner_steps, measure_before)
+
+    def task_outputs(self, x: torch.Tensor) -> torch.Tensor:
+        """Outputs of the meta-parameters on every task's examples x [tasks, examples, ...]: one
+        forward per task (batch norm statistics per task), stacked; with graph."""
+        return torch.stack([self.model(task_x) for task_x in x])
+
+    def task_mean(self, fn: LossFn, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """The mean over tasks of `fn` computed task by task, as this engine's other methods
+        compute their losses."""
+        return torch.stack([fn(out, y) for out, y in zip(outputs, targets, strict=True)]).mean()
 
     def adaptation_curve(self, batch: TaskBatch, steps: int) -> dict[str, torch.Tensor]:
         """Query loss and metric after 0..steps adaptation steps, per task: [tasks, steps + 1]."""

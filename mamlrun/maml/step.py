@@ -34,10 +34,7 @@ import torch
 
 from mamlrun.errors import UserError
 from mamlrun.maml.batch import TaskBatch
-
-# Statistics of one step: name -> 0-dim tensor on the training device (or a float, for engines
-# that return floats). `float()` reads a value; reading one waits for the step to finish.
-StepStats = dict[str, "torch.Tensor | float"]
+from mamlrun.maml.engine import Engine, StepStats
 
 # Eager iterations before the capture (PyTorch's whole-network capture example uses 3).
 WARMUP_STEPS = 3
@@ -85,12 +82,11 @@ class MetaStep:
     """Zero gradients, meta-gradient, clip, optimizer step; eager or as a replayed CUDA graph.
 
     Args:
-        engine: a MAML engine; its `meta_gradient` (vmap engine) is used when it has one, else
-            its `meta_backward`.
+        engine: a MAML engine; its `meta_gradient` computes the step's meta-gradient.
         optimizer: the outer optimizer over `engine.model`'s parameters.
         grad_clip: clip each meta-gradient element to [-grad_clip, grad_clip]; None: no clipping.
         cuda_graph: capture the step as a CUDA graph (the model must be on a CUDA device and the
-            engine must have `meta_gradient`).
+            engine `capturable`).
         bf16: run the step's forward passes under bf16 autocast (`hardware.precision=bf16`):
             matmuls and convolutions in bfloat16, losses and batch norm in float32, parameters,
             gradients and the optimizer in float32.
@@ -103,7 +99,7 @@ class MetaStep:
 
     def __init__(
         self,
-        engine,
+        engine: Engine,
         optimizer: torch.optim.Optimizer,
         grad_clip: float | None = None,
         cuda_graph: bool = False,
@@ -114,11 +110,10 @@ class MetaStep:
         self.grad_clip = grad_clip
         self.cuda_graph = cuda_graph
         self.bf16 = bf16
-        self._meta_gradient = getattr(engine, "meta_gradient", engine.meta_backward)
-        if cuda_graph and not hasattr(engine, "meta_gradient"):
+        if cuda_graph and not engine.capturable:
             raise UserError(
-                "hardware.cuda_graphs=true needs algorithm.engine=vmap (the learn2learn engine "
-                "reads values on the host for every task)"
+                "hardware.cuda_graphs=true needs algorithm.engine=vmap and MAML (the learn2learn "
+                "engine and the pretrained baseline read values on the host every step)"
             )
         set_capturable(optimizer, cuda_graph)
         self._eager_steps = 0
@@ -144,7 +139,7 @@ class MetaStep:
     def _step(self, batch: TaskBatch, inner_steps: int, measure_before: bool) -> StepStats:
         self.optimizer.zero_grad(set_to_none=True)
         with self._autocast():
-            stats = self._meta_gradient(batch, inner_steps, measure_before=measure_before)
+            stats = self.engine.meta_gradient(batch, inner_steps, measure_before=measure_before)
         if self.grad_clip is not None:
             torch.nn.utils.clip_grad_value_(self._parameters(), self.grad_clip)
         self.optimizer.step()

@@ -112,6 +112,10 @@ class VmapEngine:
         >>> optimizer.step()
     """
 
+    # `meta_gradient` keeps its statistics on the device and launches the same kernels for every
+    # batch of the same shapes: it can be captured as a CUDA graph.
+    capturable = True
+
     def __init__(
         self,
         model: nn.Module,
@@ -248,6 +252,11 @@ class VmapEngine:
         task on its own (batch norm statistics per task), in one batched call; with graph."""
         with _vmap_errors():
             return self._forward(self._per_task(len(x)), x)
+
+    def task_mean(self, fn: LossFn, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """The mean over tasks of `fn`, in one call over all examples, as `meta_gradient`
+        reduces its losses (`_batch_mean`)."""
+        return _batch_mean(fn, outputs, targets)
 
     def _adapted(
         self, support_x: torch.Tensor, support_y: torch.Tensor, steps: int
