@@ -24,7 +24,7 @@ from mamlrun import console
 from mamlrun.config.schema import EvalSettings, ImageDataset
 from mamlrun.config.validate import validate
 from mamlrun.errors import UserError
-from mamlrun.maml.l2l_engine import Learn2LearnEngine
+from mamlrun.maml.engine import Engine
 from mamlrun.run.build import engine_for, eval_shots, model_for, setting_label, task_sampler
 from mamlrun.run.plots import evaluation_plots
 from mamlrun.run.rundir import load, resolve
@@ -56,7 +56,7 @@ def summarize(values: torch.Tensor) -> dict[str, list[float]]:
 
 
 def adaptation_curves(
-    engine: Learn2LearnEngine, sampler: Any, tasks: int, steps: int, device: torch.device
+    engine: Engine, sampler: Any, tasks: int, steps: int, device: torch.device
 ) -> dict[str, torch.Tensor]:
     """Per-task loss and metric after 0..steps adaptation steps on `tasks` tasks from `sampler`."""
     parts: list[dict[str, torch.Tensor]] = []
@@ -67,7 +67,7 @@ def adaptation_curves(
 
 
 def evaluate(
-    engine: Learn2LearnEngine,
+    engine: Engine,
     typed: dict[str, Any],
     settings: EvalSettings,
     device: torch.device,
@@ -139,7 +139,7 @@ def table_rows(report: dict[str, Any]) -> tuple[list[str], list[list[Any]]]:
 
 
 def evaluate_and_report(
-    engine: Learn2LearnEngine,
+    engine: Engine,
     typed: dict[str, Any],
     device: torch.device,
     run_dir: Path,
