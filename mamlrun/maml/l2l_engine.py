@@ -25,10 +25,10 @@ from mamlrun.maml.objectives import TASK_TYPES, LossFn
 def import_learn2learn():
     """learn2learn, imported on first use rather than with mamlrun.
 
-    Importing it takes about 4.5 s on a 2-core CPU (its package pulls in torchvision's models,
-    cvxpy and its Lightning helpers), which a run of the default vmap engine with the tensor
-    sampler never uses, and which every one-line error would otherwise wait for. Its gym import
-    prints a deprecation notice, kept off stderr.
+    Its import is slow (its package pulls in torchvision's models, cvxpy and its Lightning
+    helpers), and a run of the default vmap engine with the tensor sampler never uses it, nor
+    should every one-line error wait for it (tests/test_cli.py reads `-X importtime`). Its gym
+    import prints a deprecation notice, kept off stderr.
     """
     with contextlib.redirect_stderr(io.StringIO()):
         import learn2learn
@@ -85,8 +85,7 @@ class Learn2LearnEngine:
 
         Args:
             measure_before: also measure the query loss before adaptation, which costs an extra
-                forward pass (10-17% of a step on the paper's models); training asks for it only
-                on the iterations it logs.
+                forward pass per task; training asks for it only on the iterations it logs.
 
         Returns:
             query loss and metric of the batch after adaptation (`loss_post`, `metric_post`) and,

@@ -7,12 +7,13 @@ it if asked, take the outer optimizer step. Two things here are for GPUs:
 - the step's statistics stay 0-dim tensors on the device (`StepStats`), read only when the loop
   logs them, so Python never waits for the GPU between iterations and can launch the next
   iteration's kernels while the GPU still runs this one;
-- with `cuda_graph=True` (`hardware.cuda_graphs`) the vmap engine's step is captured once as a
-  CUDA graph and replayed: an Omniglot 5w1s meta-iteration is about a thousand small kernels, and
-  eagerly (43 it/s on an H200) the GPU mostly waits for Python to launch them; a replay launches
-  them all with one call (213 it/s). The meta-batch is copied into fixed input buffers first
-  (the sampler keeps running outside the graph, so its random state, checkpoints and resume work
-  unchanged).
+- with `cuda_graph=True` (`hardware.cuda_graphs`) the step of an engine whose `meta_gradient` is
+  capturable (the vmap engine's) is captured once as a CUDA graph and replayed: a meta-iteration
+  of the paper's conv4 is about a thousand small kernels, which eagerly leave the GPU mostly
+  waiting for Python to launch them; a replay launches them all with one call
+  (`mamlrun bench cuda_graphs=true` measures it, docs/benchmarks.md). The meta-batch is copied
+  into fixed input buffers first (the sampler keeps running outside the graph, so its random
+  state, checkpoints and resume work unchanged).
 
 The captured step computes what the eager step computes (tests/test_gpu.py compares each
 iteration's statistics, Adam state and update in float64), with three consequences a user sees:
