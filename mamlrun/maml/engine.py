@@ -61,8 +61,9 @@ class Engine(Protocol):
 
         Returns `loss_post` and `metric_post` (after adaptation) and, when `measure_before`, also
         `loss_pre` and `metric_pre` (before; an extra forward pass, so training asks for it only
-        on logged iterations), each averaged over tasks. Values may stay 0-dim tensors on the
-        device so that the caller need not wait for the step to finish.
+        on logged iterations; an engine for which they cost nothing may always return them), each
+        averaged over tasks. Values may stay 0-dim tensors on the device so that the caller need
+        not wait for the step to finish.
         """
         ...
 
