@@ -19,16 +19,16 @@ import torch
 from torch import nn
 
 from mamlrun.maml.batch import TaskBatch
-from mamlrun.maml.objectives import TASK_TYPES
+from mamlrun.maml.objectives import TASK_TYPES, LossFn
 
 
 def import_learn2learn():
     """learn2learn, imported on first use rather than with mamlrun.
 
-    Importing it takes about 4.5 s on a 2-core CPU (its package pulls in torchvision's models,
-    cvxpy and its Lightning helpers), which a run of the default vmap engine with the tensor
-    sampler never uses, and which every one-line error would otherwise wait for. Its gym import
-    prints a deprecation notice, kept off stderr.
+    Its import is slow (its package pulls in torchvision's models, cvxpy and its Lightning
+    helpers), and a run of the default vmap engine with the tensor sampler never uses it, nor
+    should every one-line error wait for it (tests/test_cli.py reads `-X importtime`). Its gym
+    import prints a deprecation notice, kept off stderr.
     """
     with contextlib.redirect_stderr(io.StringIO()):
         import learn2learn
@@ -49,6 +49,9 @@ class Learn2LearnEngine:
         >>> stats = engine.meta_backward(batch, inner_steps=1)  # gradients now in model.grad
         >>> optimizer.step()
     """
+
+    # It reads every task's loss on the host (`.item()`) as it goes: no CUDA graph.
+    capturable = False
 
     def __init__(
         self,
@@ -82,8 +85,7 @@ class Learn2LearnEngine:
 
         Args:
             measure_before: also measure the query loss before adaptation, which costs an extra
-                forward pass (10-17% of a step on the paper's models); training asks for it only
-                on the iterations it logs.
+                forward pass per task; training asks for it only on the iterations it logs.
 
         Returns:
             query loss and metric of the batch after adaptation (`loss_post`, `metric_post`) and,
@@ -106,6 +108,23 @@ class Learn2LearnEngine:
             totals["loss_post"] += query_loss.item()
             totals["metric_post"] += self.metric_fn(logits.detach(), query_y).item()
         return {key: value / tasks for key, value in totals.items()}
+
+    def meta_gradient(
+        self, batch: TaskBatch, inner_steps: int, measure_before: bool = True
+    ) -> dict[str, float]:
+        """`meta_backward`: this engine reads its statistics on the host anyway, task by task,
+        so they are floats here too."""
+        return self.meta_backward(batch, inner_steps, measure_before)
+
+    def task_outputs(self, x: torch.Tensor) -> torch.Tensor:
+        """Outputs of the meta-parameters on every task's examples x [tasks, examples, ...]: one
+        forward per task (batch norm statistics per task), stacked; with graph."""
+        return torch.stack([self.model(task_x) for task_x in x])
+
+    def task_mean(self, fn: LossFn, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """The mean over tasks of `fn` computed task by task, as this engine's other methods
+        compute their losses."""
+        return torch.stack([fn(out, y) for out, y in zip(outputs, targets, strict=True)]).mean()
 
     def adaptation_curve(self, batch: TaskBatch, steps: int) -> dict[str, torch.Tensor]:
         """Query loss and metric after 0..steps adaptation steps, per task: [tasks, steps + 1]."""

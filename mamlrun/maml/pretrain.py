@@ -15,11 +15,11 @@ Another step size is one override away: `algorithm.inner_lr=0.02`.
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 
 from mamlrun.maml.batch import TaskBatch
+from mamlrun.maml.engine import Engine
+from mamlrun.maml.objectives import LossFn
 
 
 class PretrainEngine:
@@ -35,17 +35,15 @@ class PretrainEngine:
         >>> optimizer.step()
     """
 
-    def __init__(self, base: Any) -> None:
+    # Its step reads the loss on the host (`meta_backward` returns floats): no CUDA graph.
+    capturable = False
+
+    def __init__(self, base: Engine) -> None:
         self.base = base
         self.model = base.model
-        # The vmap engine runs all tasks in one batched call; other engines go task by task.
-        self._task_outputs = getattr(base, "task_outputs", None)
         self.loss_fn, self.metric_fn = base.loss_fn, base.metric_fn
         self.metric_name, self.higher_is_better = base.metric_name, base.higher_is_better
         self.task_type = base.task_type
-        # Test time is MAML's, unchanged: the comparison isolates how the network was trained.
-        self.adaptation_curve = base.adaptation_curve
-        self.predictions = base.predictions
 
     def meta_backward(
         self, batch: TaskBatch, inner_steps: int, measure_before: bool = True
@@ -53,8 +51,9 @@ class PretrainEngine:
         """Accumulate the gradient of the mean supervised loss over the batch into `.grad`.
 
         Every point of a task (support and query) is a training example for the shared
-        parameters. Each task gets its own forward (one batched call for all tasks when the base
-        is the vmap engine), so a model with batch norm normalizes per task as under MAML.
+        parameters. Each task gets its own forward (`task_outputs`: one batched call for all tasks
+        when the base is the vmap engine), so a model with batch norm normalizes per task as under
+        MAML, and the mean over tasks is the base's own (`task_mean`).
 
         Args:
             batch: the meta-batch of tasks (MAML's training tasks).
@@ -68,18 +67,9 @@ class PretrainEngine:
         del inner_steps, measure_before
         inputs = torch.cat([batch.support_x, batch.query_x], dim=1)
         targets = torch.cat([batch.support_y, batch.query_y], dim=1)
-        if self._task_outputs is not None:
-            # every task has as many examples: the mean over all is the mean of per-task means
-            outputs, targets = self._task_outputs(inputs).flatten(0, 1), targets.flatten(0, 1)
-            loss = self.loss_fn(outputs, targets)
-            metric = self.metric_fn(outputs.detach(), targets)
-        else:
-            losses, metrics = [], []
-            for x, y in zip(inputs, targets, strict=True):
-                outputs = self.model(x)
-                losses.append(self.loss_fn(outputs, y))
-                metrics.append(self.metric_fn(outputs.detach(), y))
-            loss, metric = torch.stack(losses).mean(), torch.stack(metrics).mean()
+        outputs = self.base.task_outputs(inputs)
+        loss = self.base.task_mean(self.loss_fn, outputs, targets)
+        metric = self.base.task_mean(self.metric_fn, outputs.detach(), targets)
         loss.backward()
         loss_value, metric_value = torch.stack([loss.detach(), metric]).tolist()
         return {
@@ -88,3 +78,26 @@ class PretrainEngine:
             "metric_pre": metric_value,
             "metric_post": metric_value,
         }
+
+    def meta_gradient(
+        self, batch: TaskBatch, inner_steps: int, measure_before: bool = True
+    ) -> dict[str, float]:
+        """`meta_backward`: the training step `MetaStep` runs for the baseline."""
+        return self.meta_backward(batch, inner_steps, measure_before)
+
+    # Everything else is the base engine's, unchanged: the comparison with MAML isolates how the
+    # network was trained, not how it is adapted or scored.
+
+    def task_outputs(self, x: torch.Tensor) -> torch.Tensor:
+        return self.base.task_outputs(x)
+
+    def task_mean(self, fn: LossFn, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        return self.base.task_mean(fn, outputs, targets)
+
+    def adaptation_curve(self, batch: TaskBatch, steps: int) -> dict[str, torch.Tensor]:
+        return self.base.adaptation_curve(batch, steps)
+
+    def predictions(
+        self, support_x: torch.Tensor, support_y: torch.Tensor, x: torch.Tensor, steps: list[int]
+    ) -> dict[int, torch.Tensor]:
+        return self.base.predictions(support_x, support_y, x, steps)

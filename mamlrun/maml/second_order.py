@@ -3,7 +3,8 @@
 Second-order MAML differentiates the inner-loop gradient, so every layer's backward pass is itself
 differentiated once more (the "double backward"). PyTorch builds that double backward from the
 first backward's operations, and for the paper's conv4 on a CPU two of them dominate the
-meta-iteration (profile of Omniglot 5-way 1-shot, 32 tasks, `mamlrun/maml/task_batched.py` layout):
+meta-iteration (profile of Omniglot 5-way 1-shot, 32 tasks, in `mamlrun.maml.task_batched`'s
+layout):
 
 - grouped convolution (one group per task): PyTorch's double backward computes two of its four
   terms with a Python-level loop over the groups, 32 small convolutions each;
@@ -13,12 +14,12 @@ meta-iteration (profile of Omniglot 5-way 1-shot, 32 tasks, `mamlrun/maml/task_b
 
 The Functions below compute the same numbers with one grouped `convolution_backward` call per term
 and with the batch-norm derivatives in closed form (about five passes for the first backward, nine
-for the second). With two more savings (`_InputConv`: the first layer as unfold + matmul;
+for the second). Two more savings (`_InputConv`: the first layer as unfold + matmul;
 `_GroupedConv`'s dense convolutions while every task still has the meta-weights) and the
-batch-norm formulas compiled (`NormKernels`), second-order MAML on Omniglot 5w1s went from 2.8x to
-4.9x the learn2learn example on a 2-core CPU (each step measured in docs/benchmarks.md; 3.6x to
-3.9x on another 2-core machine, where the example itself runs faster, and 4.0x to 4.2x there once
-glibc's malloc keeps freed memory, `builders.keep_freed_memory`).
+batch-norm formulas compiled (`NormKernels`) complete it. Each was kept because it made the
+second-order step faster when measured, as did letting glibc's malloc keep freed memory
+(`mamlrun.run.runtime.keep_freed_memory`); docs/benchmarks.md records what was measured and on
+which machines, and `mamlrun bench` measures the step again.
 
 Each Function's backward is itself a Function (`_GroupedConvGrad`, `_BatchNormReLUGrad`) whose
 backward is the hand-written second derivative, which builds no graph: MAML's outer backward
@@ -128,9 +129,9 @@ class _GroupedConv(torch.autograd.Function):
 
     `shared`: None, or the one weight every group has ([O, C, kh, kw], values only) when the
     per-task weights are copies of the meta-parameters (the first inner step): the products with
-    the weight itself then run as dense convolutions over N * groups examples, which oneDNN does
-    1.2x (Omniglot's 14x14 layer) to 2.7x (its 4x4 layer) faster than the grouped ones on a 2-core
-    CPU. Gradients wrt the weight stay per group.
+    the weight itself then run as dense convolutions over N * groups examples: oneDNN's dense
+    kernels are faster than its grouped ones, the more so the smaller the feature map. Gradients
+    wrt the weight stay per group.
     """
 
     @staticmethod
@@ -220,11 +221,12 @@ class _InputConv(torch.autograd.Function):
     """A grouped convolution of the network's input (no gradient wrt x) as unfold + matmul.
 
     On a first layer of grayscale images (one channel per group, Omniglot's) oneDNN's grouped
-    kernels are slow, and every backward call copies the (64x larger) output gradient into another
-    layout. Unfolded once, the input's patches `cols` [N, groups, C*kh*kw, L] serve all
-    three products the meta-iteration needs: the output, the weight gradient (patches times output
-    gradient) and, in the double backward, the output-gradient term (patches times the weight
-    gradient's gradient). All three are linear in what varies, so the second derivative is exact.
+    kernels are slow, and every backward call copies the output gradient (larger than the input by
+    the number of filters) into another layout. Unfolded once, the input's patches
+    `cols` [N, groups, C*kh*kw, L] serve all three products the meta-iteration needs: the output,
+    the weight gradient (patches times output gradient) and, in the double backward, the
+    output-gradient term (patches times the weight gradient's gradient). All three are linear in
+    what varies, so the second derivative is exact.
     """
 
     @staticmethod
@@ -330,11 +332,11 @@ def grouped_conv2d(
 def _norm_forward(x, bias, dims: tuple[int, ...], eps: float, relu: bool):
     """(output, normalized input x̂, rstd) of batch norm + shift (+ ReLU).
 
-    Written with in-place and fused (`addcmul`) operations where they save a pass: eagerly the
-    Omniglot 5w1s meta-iteration is 1.3x faster than with the same formulas written plainly."""
+    Written with in-place and fused (`addcmul`) operations where they save a pass: run eagerly on
+    a CPU, every pass over the activations costs memory bandwidth."""
     centered = x - x.mean(dims, keepdim=True)
-    # Mean of squares of the centered values: two passes, as accurate as `var` here, and 5x
-    # faster than its Welford kernel on strided reductions (no autograd runs through it).
+    # Mean of squares of the centered values: two passes, as accurate as `var` here, and faster
+    # than its Welford kernel on strided reductions (no autograd runs through it).
     rstd = torch.rsqrt((centered * centered).mean(dims, keepdim=True) + eps)
     normalized = centered.mul_(rstd)
     y = normalized + bias
@@ -374,15 +376,14 @@ class NormKernels:
 
     Eagerly each line is a pass over the activations, which on a CPU is bound by memory bandwidth;
     compiled (Inductor, `dynamic=True`: one compilation for all layer shapes) they fuse into a few
-    loops: on Omniglot's first layer (5x2048x14x14) on a 2-core CPU the forward, backward and
-    double backward run 1.3x, 4x and 2.3x faster than these eager versions.
+    loops that read the activations fewer times (`mamlrun bench ablation=true` compares the two).
     Compiling takes seconds once per process (and is cached on disk); if it fails (no C++
     compiler, unsupported platform), a one-line warning is printed and the eager formulas are used.
     """
 
     def __init__(self, compiled: bool) -> None:
         self._eager = (_norm_forward, _norm_backward, _norm_double_backward)
-        # Wrapped on first use: `torch.compile` itself takes 1.6 s to set up, which a model
+        # Wrapped on first use: setting up `torch.compile` itself takes time, which a model
         # without batch norm (the sinusoid MLP) should not pay.
         self._active = None if compiled else self._eager
 

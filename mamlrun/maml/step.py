@@ -7,12 +7,13 @@ it if asked, take the outer optimizer step. Two things here are for GPUs:
 - the step's statistics stay 0-dim tensors on the device (`StepStats`), read only when the loop
   logs them, so Python never waits for the GPU between iterations and can launch the next
   iteration's kernels while the GPU still runs this one;
-- with `cuda_graph=True` (`hardware.cuda_graphs`) the vmap engine's step is captured once as a
-  CUDA graph and replayed: an Omniglot 5w1s meta-iteration is about a thousand small kernels, and
-  eagerly (43 it/s on an H200) the GPU mostly waits for Python to launch them; a replay launches
-  them all with one call (213 it/s). The meta-batch is copied into fixed input buffers first
-  (the sampler keeps running outside the graph, so its random state, checkpoints and resume work
-  unchanged).
+- with `cuda_graph=True` (`hardware.cuda_graphs`) the step of an engine whose `meta_gradient` is
+  capturable (the vmap engine's) is captured once as a CUDA graph and replayed: a meta-iteration
+  of the paper's conv4 is about a thousand small kernels, which eagerly leave the GPU mostly
+  waiting for Python to launch them; a replay launches them all with one call
+  (`mamlrun bench cuda_graphs=true` measures it, docs/benchmarks.md). The meta-batch is copied
+  into fixed input buffers first (the sampler keeps running outside the graph, so its random
+  state, checkpoints and resume work unchanged).
 
 The captured step computes what the eager step computes (tests/test_gpu.py compares each
 iteration's statistics, Adam state and update in float64), with three consequences a user sees:
@@ -34,10 +35,7 @@ import torch
 
 from mamlrun.errors import UserError
 from mamlrun.maml.batch import TaskBatch
-
-# Statistics of one step: name -> 0-dim tensor on the training device (or a float, for engines
-# that return floats). `float()` reads a value; reading one waits for the step to finish.
-StepStats = dict[str, "torch.Tensor | float"]
+from mamlrun.maml.engine import Engine, StepStats
 
 # Eager iterations before the capture (PyTorch's whole-network capture example uses 3).
 WARMUP_STEPS = 3
@@ -85,12 +83,11 @@ class MetaStep:
     """Zero gradients, meta-gradient, clip, optimizer step; eager or as a replayed CUDA graph.
 
     Args:
-        engine: a MAML engine; its `meta_gradient` (vmap engine) is used when it has one, else
-            its `meta_backward`.
+        engine: a MAML engine; its `meta_gradient` computes the step's meta-gradient.
         optimizer: the outer optimizer over `engine.model`'s parameters.
         grad_clip: clip each meta-gradient element to [-grad_clip, grad_clip]; None: no clipping.
         cuda_graph: capture the step as a CUDA graph (the model must be on a CUDA device and the
-            engine must have `meta_gradient`).
+            engine `capturable`).
         bf16: run the step's forward passes under bf16 autocast (`hardware.precision=bf16`):
             matmuls and convolutions in bfloat16, losses and batch norm in float32, parameters,
             gradients and the optimizer in float32.
@@ -103,7 +100,7 @@ class MetaStep:
 
     def __init__(
         self,
-        engine,
+        engine: Engine,
         optimizer: torch.optim.Optimizer,
         grad_clip: float | None = None,
         cuda_graph: bool = False,
@@ -114,11 +111,10 @@ class MetaStep:
         self.grad_clip = grad_clip
         self.cuda_graph = cuda_graph
         self.bf16 = bf16
-        self._meta_gradient = getattr(engine, "meta_gradient", engine.meta_backward)
-        if cuda_graph and not hasattr(engine, "meta_gradient"):
+        if cuda_graph and not engine.capturable:
             raise UserError(
-                "hardware.cuda_graphs=true needs algorithm.engine=vmap (the learn2learn engine "
-                "reads values on the host for every task)"
+                "hardware.cuda_graphs=true needs algorithm.engine=vmap and MAML (the learn2learn "
+                "engine and the pretrained baseline read values on the host every step)"
             )
         set_capturable(optimizer, cuda_graph)
         self._eager_steps = 0
@@ -144,7 +140,7 @@ class MetaStep:
     def _step(self, batch: TaskBatch, inner_steps: int, measure_before: bool) -> StepStats:
         self.optimizer.zero_grad(set_to_none=True)
         with self._autocast():
-            stats = self._meta_gradient(batch, inner_steps, measure_before=measure_before)
+            stats = self.engine.meta_gradient(batch, inner_steps, measure_before=measure_before)
         if self.grad_clip is not None:
             torch.nn.utils.clip_grad_value_(self._parameters(), self.grad_clip)
         self.optimizer.step()

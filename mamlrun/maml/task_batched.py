@@ -1,11 +1,11 @@
 """Task-batched forward passes for the layer types of the paper's networks, without vmap.
 
 `torch.func.vmap` makes any model run on per-task parameters, but on small networks its generic
-batching (and `functional_call`'s parameter swapping) costs as much as the arithmetic: measured on
-a 2-core CPU, second-order MAML on the sinusoid MLP runs 1.4x faster with the batched kernels
-written out (`mamlrun bench ablation=true`), and on Omniglot conv4, whose convolutions and batch
-norms run through `mamlrun.maml.second_order` (hand-written second derivatives), 1.7x faster. So for
-an `nn.Sequential` built only from the layers below, the vmap engine runs this module's forward
+batching (and `functional_call`'s parameter swapping) costs as much as the arithmetic, so the
+batched computation is written out here (conv4's convolutions and batch norms through
+`mamlrun.maml.second_order`, whose second derivatives are hand-written);
+`mamlrun bench ablation=true` measures it against vmap (docs/benchmarks.md). For an
+`nn.Sequential` built only from the layers below, the vmap engine runs this module's forward
 instead; any other model keeps vmap.
 
 Layouts, with T tasks of N examples each:

@@ -11,19 +11,18 @@ with one batched forward per inner step for the whole meta-batch:
 - tasks do not interact, so the gradient of the mean task loss w.r.t. one task's copies is that
   task's own gradient over the number of tasks: one `torch.autograd.grad` on the batched tensors
   gives every task's inner gradient, with `create_graph=True` for second-order MAML and as a
-  constant for first-order MAML. Measured on CPU, this is faster than nesting `torch.func.grad`
-  inside `vmap` (about 10% on the sinusoid MLP).
+  constant for first-order MAML. It was chosen over nesting `torch.func.grad` inside `vmap`,
+  which ran slower when both were tried on the sinusoid MLP.
 
 For models built only from the paper's layer types, the forward runs through
-`mamlrun.maml.task_batched` (the same per-task computation written out as batched matmuls and grouped
-convolutions) instead of `vmap`: faster, same numbers.
+`mamlrun.maml.task_batched` (the same per-task computation written out as batched matmuls and
+grouped convolutions) instead of `vmap`: same numbers, without vmap's generic batching.
 
 Second-order MAML differentiates each layer's backward pass once more; for the written-out
 convolutions and batch norm those second derivatives are hand-written (`mamlrun.maml.second_order`).
 
-The results equal `Learn2LearnEngine`'s (tests/test_engine_equivalence.py). On a 2-core CPU it is
-12.8x to 13.4x the learn2learn example on the sinusoid MLP and 4.0x to 4.9x on Omniglot conv4,
-depending on the machine (docs/benchmarks.md).
+The results equal `Learn2LearnEngine`'s (tests/test_engine_equivalence.py); `mamlrun bench`
+measures both against the learn2learn example (docs/benchmarks.md).
 """
 
 from __future__ import annotations
@@ -101,8 +100,8 @@ class VmapEngine:
         task_type: "regression" (MSE) or "classification" (cross-entropy, accuracy).
         curve_chunk: tasks adapted at once by `adaptation_curve`, to bound its memory.
         batching: "layers" runs models made only of the paper's layer types through
-            `mamlrun.maml.task_batched` (faster, same numbers) and any other model through vmap;
-            "vmap" always uses vmap.
+            `mamlrun.maml.task_batched` (same numbers, less overhead) and any other model through
+            vmap; "vmap" always uses vmap.
         compile_kernels: on the "layers" path, run batch norm's formulas through
             `torch.compile` (`hardware.compile`; see `mamlrun.maml.second_order.NormKernels`).
 
@@ -111,6 +110,10 @@ class VmapEngine:
         >>> stats = engine.meta_backward(batch, inner_steps=1)  # gradients now in model.grad
         >>> optimizer.step()
     """
+
+    # `meta_gradient` keeps its statistics on the device and launches the same kernels for every
+    # batch of the same shapes: it can be captured as a CUDA graph.
+    capturable = True
 
     def __init__(
         self,
@@ -248,6 +251,11 @@ class VmapEngine:
         task on its own (batch norm statistics per task), in one batched call; with graph."""
         with _vmap_errors():
             return self._forward(self._per_task(len(x)), x)
+
+    def task_mean(self, fn: LossFn, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """The mean over tasks of `fn`, in one call over all examples, as `meta_gradient`
+        reduces its losses (`_batch_mean`)."""
+        return _batch_mean(fn, outputs, targets)
 
     def _adapted(
         self, support_x: torch.Tensor, support_y: torch.Tensor, steps: int

@@ -19,6 +19,7 @@ from mamlrun.config.compose import error_line
 from mamlrun.config.schema import Algorithm, Hardware, ImageDataset, SinusoidDataset, TargetModel
 from mamlrun.data.sinusoid import SinusoidTasks
 from mamlrun.errors import UserError
+from mamlrun.maml.engine import Engine
 from mamlrun.maml.l2l_engine import Learn2LearnEngine
 from mamlrun.maml.models import build_model
 
@@ -131,9 +132,7 @@ def model_for(model_cfg: Any, dataset: Any) -> nn.Module:
     return build_model(model_cfg.name, input_shape(dataset), outputs, **options)
 
 
-def engine_for(
-    model: nn.Module, algorithm: Algorithm, dataset: Any, hardware: Hardware
-) -> Learn2LearnEngine:
+def engine_for(model: nn.Module, algorithm: Algorithm, dataset: Any, hardware: Hardware) -> Engine:
     """The engine chosen by `algorithm.engine`; both compute the same MAML updates."""
     if algorithm.name == "pretrain":  # trains differently, adapts at test exactly as MAML
         from mamlrun.maml.pretrain import PretrainEngine

@@ -30,7 +30,7 @@ from mamlrun.config.schema import (
 )
 from mamlrun.config.validate import validate
 from mamlrun.errors import UserError
-from mamlrun.maml.l2l_engine import Learn2LearnEngine
+from mamlrun.maml.engine import Engine
 from mamlrun.run import rundir
 from mamlrun.run.build import engine_for, eval_shots, model_for, setting_label, task_sampler
 from mamlrun.run.rundir import load, resolve
@@ -61,7 +61,7 @@ def summarize(values: torch.Tensor) -> dict[str, list[float]]:
 
 
 def adaptation_curves(
-    engine: Learn2LearnEngine, sampler: Any, tasks: int, steps: int, device: torch.device
+    engine: Engine, sampler: Any, tasks: int, steps: int, device: torch.device
 ) -> dict[str, torch.Tensor]:
     """Per-task loss and metric after 0..steps adaptation steps on `tasks` tasks from `sampler`."""
     parts: list[dict[str, torch.Tensor]] = []
@@ -72,7 +72,7 @@ def adaptation_curves(
 
 
 def evaluate(
-    engine: Learn2LearnEngine,
+    engine: Engine,
     dataset: Any,
     algorithm: Algorithm,
     settings: EvalSettings,
@@ -147,9 +147,7 @@ def table_rows(report: dict[str, Any]) -> tuple[list[str], list[list[Any]]]:
 FIT_SHOTS, FIT_STEPS = (5, 10), (0, 1, 10)
 
 
-def sinusoid_fits(
-    engine: Learn2LearnEngine, dataset: SinusoidDataset, seed: int, count: int, device
-):
+def sinusoid_fits(engine: Engine, dataset: SinusoidDataset, seed: int, count: int, device):
     """What the fit plot shows: `count` test tasks per K in FIT_SHOTS, their curves and support
     points, and the adapted model's predictions on a grid after each of FIT_STEPS."""
     from mamlrun.run.plots import SinusoidFit
@@ -170,7 +168,7 @@ def sinusoid_fits(
 
 
 def _plots(
-    report: dict[str, Any], config: RunConfig, engine: Learn2LearnEngine, run_dir: Path, device
+    report: dict[str, Any], config: RunConfig, engine: Engine, run_dir: Path, device
 ) -> list[Path]:
     from mamlrun.run import plots  # matplotlib once there is a plot to draw
 
@@ -185,7 +183,7 @@ def _plots(
 
 
 def evaluate_and_report(
-    engine: Learn2LearnEngine,
+    engine: Engine,
     config: RunConfig,
     device: torch.device,
     run_dir: Path,

@@ -236,7 +236,7 @@ def _window_means(window: list[dict[str, float]], metric: str) -> dict[str, floa
     return {k.replace("metric", metric): v for k, v in means.items()}
 
 
-def validation_metrics(engine, val_batch, steps: int) -> dict[str, float]:
+def validation_metrics(engine: Engine, val_batch: TaskBatch, steps: int) -> dict[str, float]:
     """Mean query metric (and loss, for classification) after 0..steps steps on the fixed
     validation tasks. Engines bound their own memory (the vmap engine adapts in chunks)."""
     result: dict[str, float] = {}
