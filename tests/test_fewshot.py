@@ -127,18 +127,6 @@ def test_state_dict_resumes_the_same_sequence():
     assert _equal(tasks.sample(3), resumed.sample(3))
 
 
-def test_fixed_pool_of_tasks():
-    tasks = _tasks(num_tasks=3, rotations=True)
-    batch = tasks.sample(40)
-    distinct = {tuple(batch.support_x[t].flatten().tolist()) for t in range(40)}
-    assert len(distinct) == 3
-    # pool task i depends on (seed, i) only, not on the order in which tasks were drawn
-    other = _tasks(num_tasks=3, rotations=True)
-    other.load_state_dict({"random": random.Random(5).getstate()})
-    again = other.sample(40)
-    assert {tuple(again.support_x[t].flatten().tolist()) for t in range(40)} == distinct
-
-
 def test_no_rotations_by_default(sampler):
     batch = _tasks(sampler).sample(20)
     assert not hasattr(batch, "quarter_turns")

@@ -7,9 +7,10 @@ launchers).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from mamlrun.errors import UserError, fail
@@ -51,38 +52,10 @@ def _hydra_command(config_name: str, task: Callable) -> Callable[[], None]:
 
     def entry() -> None:
         import hydra
-        from hydra.errors import CompactHydraException
-
-        from mamlrun.config.compose import error_line
 
         app = hydra.main(config_path=_config_path(), config_name=config_name, version_base="1.3")
-        # Hydra reports a bad override (unknown key or option, a value that does not parse) in
-        # several lines and exits 1; asked to raise it instead, it becomes our one line, exit 2
-        full_error = os.environ.get("HYDRA_FULL_ERROR")
-        os.environ["HYDRA_FULL_ERROR"] = "1"
-        try:
+        with _hydra_errors_as_one_line(config_name):
             app(task_function)()
-        except CompactHydraException as err:
-            if full_error == "1":
-                raise
-            fail(config_name, error_line(err))
-        except ValueError as err:  # Hydra's own flags combined wrongly (`-m --cfg job`)
-            if full_error == "1" or not str(err).startswith("Only one of"):
-                raise
-            fail(config_name, str(err))
-        except OSError as err:  # a path it cannot use (hydra.run.dir, a full disk): no traceback
-            if err.filename is None or full_error == "1":
-                raise
-            fail(
-                config_name,
-                f"{err.filename}: {err.strerror} (check the path, its permissions and free "
-                "space; finished checkpoints and results are kept)",
-            )
-        finally:
-            if full_error is None:
-                os.environ.pop("HYDRA_FULL_ERROR")
-            else:
-                os.environ["HYDRA_FULL_ERROR"] = full_error
         if failed_jobs:
             fail(
                 config_name,
@@ -91,6 +64,42 @@ def _hydra_command(config_name: str, task: Callable) -> Callable[[], None]:
             )
 
     return entry
+
+
+@contextlib.contextmanager
+def _hydra_errors_as_one_line(command: str) -> Iterator[None]:
+    """Hydra reports a bad override (unknown key or option, a value that does not parse) in
+    several lines and exits 1; asked to raise it instead (HYDRA_FULL_ERROR=1 while its app runs),
+    it becomes our one line, exit 2. A user's own HYDRA_FULL_ERROR=1 still shows Hydra's error."""
+    from hydra.errors import CompactHydraException
+
+    from mamlrun.config.compose import error_line
+
+    full_error = os.environ.get("HYDRA_FULL_ERROR")
+    os.environ["HYDRA_FULL_ERROR"] = "1"
+    try:
+        yield
+    except CompactHydraException as err:
+        if full_error == "1":
+            raise
+        fail(command, error_line(err))
+    except ValueError as err:  # Hydra's own flags combined wrongly (`-m --cfg job`)
+        if full_error == "1" or not str(err).startswith("Only one of"):
+            raise
+        fail(command, str(err))
+    except OSError as err:  # a path it cannot use (hydra.run.dir, a full disk): no traceback
+        if err.filename is None or full_error == "1":
+            raise
+        fail(
+            command,
+            f"{err.filename}: {err.strerror} (check the path, its permissions and free "
+            "space; finished checkpoints and results are kept)",
+        )
+    finally:
+        if full_error is None:
+            os.environ.pop("HYDRA_FULL_ERROR")
+        else:
+            os.environ["HYDRA_FULL_ERROR"] = full_error
 
 
 def _train(cfg):
@@ -112,9 +121,9 @@ def _with_argv(name: str, entry: Callable[[], None]) -> Callable[[list[str]], No
         if name == "train":
             try:
                 args = [_expand_experiment(arg) for arg in args]
+                args = args + _resume_overrides(args)
             except UserError as err:
                 fail(name, str(err))
-            args = args + _resume_overrides(args)
         sys.argv = [f"mamlrun {name}", *args]
         entry()
 
@@ -128,17 +137,12 @@ def _expand_experiment(arg: str) -> str:
     key, _, value = arg.partition("=")
     if key.lstrip("+") != "experiment" or value in ("", "null"):
         return arg
-    from hydra.core.override_parser.overrides_parser import OverridesParser
     from hydra.core.override_parser.types import Glob
-    from hydra.errors import HydraException
 
-    from mamlrun.config.compose import error_line, experiment_presets
+    from mamlrun.config.compose import experiment_presets, parse_overrides
 
     presets = experiment_presets()
-    try:
-        override = OverridesParser.create().parse_override(arg)
-    except HydraException as err:
-        raise UserError(error_line(err)) from None
+    override = parse_overrides([arg])[0].parsed
     choices = f"choose from {', '.join(presets)}"
     value = override.value()
     if isinstance(value, Glob):
@@ -159,12 +163,12 @@ def _expand_experiment(arg: str) -> str:
 def _resume_overrides(args: list[str]) -> list[str]:
     """`resume=<run dir or .pt>` continues inside that run's directory: point Hydra there, and keep
     the run's original `.hydra/` files instead of overwriting them with this command's."""
-    resume = [a.split("=", 1)[1] for a in args if a.startswith("resume=")]
-    if (
-        not resume
-        or resume[-1] in ("", "null")
-        or any(a.startswith("hydra.run.dir=") for a in args)
-    ):
+    from mamlrun.config.compose import parse_overrides
+
+    # Only these two are read here: Hydra itself reports any other argument it cannot parse.
+    given = parse_overrides([a for a in args if a.startswith(("resume=", "hydra.run.dir="))])
+    resume = [o.value_text for o in given if o.key == "resume"]
+    if not resume or resume[-1] in ("", "null") or any(o.key == "hydra.run.dir" for o in given):
         return []
     target = Path(resume[-1]).expanduser()
     if target.is_file():

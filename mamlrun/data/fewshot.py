@@ -109,8 +109,8 @@ def _validate_task_shape(
 class ClassRotations:
     """learn2learn task transform: give each class of a task its own multiple of 90 degrees.
 
-    Angles are drawn when the task description is built (not when its data is loaded), so a
-    task kept in a fixed pool keeps its angles. Each loaded item gains its number of quarter
+    Angles are drawn when the task description is built (not when its data is loaded). Each
+    loaded item gains its number of quarter
     turns as a last entry; `ClassificationTasks.sample` then rotates whole batches at once,
     which is much faster than one `rot90` per image.
     """
@@ -137,8 +137,6 @@ class ClassificationTasks:
         query_shots: query images per class.
         rotations: rotate each class of a task by a random multiple of 90 degrees (Omniglot).
         seed: seeds this sampler's own random state.
-        num_tasks: -1 draws a new task every time; n > 0 draws from a fixed pool of n tasks,
-            task i of the pool depending only on (seed, i).
         split: split name for error messages ("train", "test", ...).
 
     Example:
@@ -162,15 +160,11 @@ class ClassificationTasks:
         query_shots: int,
         rotations: bool = False,
         seed: int = 0,
-        num_tasks: int = -1,
         split: str | None = None,
     ) -> None:
         images, classes = _validate_task_shape(images, classes, ways, shots, query_shots, split)
-        if num_tasks < 1 and num_tasks != -1:
-            raise UserError(f"dataset.num_tasks={num_tasks}: must be -1 (unlimited) or positive")
-
         self.ways, self.shots, self.query_shots = ways, shots, query_shots
-        self.rotations, self.seed, self.num_tasks = rotations, seed, num_tasks
+        self.rotations, self.seed = rotations, seed
         self.input_shape = tuple(images.shape[2:])
         self.classes = torch.tensor(classes)
         per_class = images.shape[1]
@@ -190,19 +184,8 @@ class ClassificationTasks:
         ]
         if rotations:
             transforms.append(ClassRotations(dataset))
-        self.taskset = l2l.data.Taskset(dataset, task_transforms=transforms, num_tasks=num_tasks)
+        self.taskset = l2l.data.Taskset(dataset, task_transforms=transforms, num_tasks=-1)
         self._rng = random.Random(seed)
-        self._pool: dict[int, list] = {}
-
-    def _description(self) -> list:
-        """A task description: a fresh one, or one of the fixed pool (built on first use)."""
-        if self.num_tasks == -1:
-            return self.taskset.sample_task_description()
-        index = random.randrange(self.num_tasks)
-        if index not in self._pool:
-            with _global_random(random.Random(f"{self.seed}:{index}")):
-                self._pool[index] = self.taskset.sample_task_description()
-        return self._pool[index]
 
     def sample(self, num_tasks: int) -> TaskBatch:
         """Draw `num_tasks` tasks.
@@ -215,7 +198,10 @@ class ClassificationTasks:
             `quarter_turns` [num_tasks, ways] (each label's rotation, in multiples of 90 degrees).
         """
         with _global_random(self._rng):
-            tasks = [self.taskset.get_task(self._description()) for _ in range(num_tasks)]
+            tasks = [
+                self.taskset.get_task(self.taskset.sample_task_description())
+                for _ in range(num_tasks)
+            ]
         columns = [torch.stack(column) for column in zip(*tasks, strict=True)]
         # order each task's examples by label, keeping learn2learn's random order within a class
         order = torch.argsort(columns[1], dim=1, stable=True)

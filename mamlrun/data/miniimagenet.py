@@ -27,7 +27,6 @@ def load_miniimagenet(
     root: Path | str,
     split: str,
     download: bool = False,
-    splits_dir: Path | str | None = None,
     cache_dir: Path | str | None = None,
 ) -> torch.Tensor:
     """Load one miniImageNet split as uint8 [classes, images per class, 3, 84, 84].
@@ -39,8 +38,8 @@ def load_miniimagenet(
        load files from a source you trust.
     B. A folder `images/` of the raw images named as in Ravi & Larochelle's csvs, resized to 84x84
        with LANCZOS (their script's filter) unless already that size, converted to RGB, and
-       cached. The csv (`train.csv`, `val.csv` or `test.csv`) is looked up in `splits_dir`,
-       `root/splits/`, then `root/`.
+       cached. The csv (`train.csv`, `val.csv` or `test.csv`) is looked up in `splits/` next to
+       `images/`, then beside it.
 
     Classes are ordered by WordNet id; 64 / 16 / 20 classes of 600 images in the real data.
 
@@ -48,7 +47,6 @@ def load_miniimagenet(
         root: directory holding the data.
         split: "train", "validation" or "test".
         download: fetch the missing pickle with learn2learn's downloader (format A).
-        splits_dir: extra directory with the csvs (format B).
         cache_dir: where format B's tensor is kept; default as for Omniglot.
 
     Raises:
@@ -56,7 +54,7 @@ def load_miniimagenet(
             Google Drive download), or images that do not match the csv.
     """
     if split not in MINI_CSV:
-        raise UserError(f"dataset.split={split!r}: expected one of {', '.join(MINI_CSV)}")
+        raise ValueError(f"split={split!r}: expected one of {', '.join(MINI_CSV)}")
     root = Path(root).expanduser()
     bases = [root, root / "miniimagenet"]
     pickle_name = f"mini-imagenet-cache-{split}.pkl"
@@ -65,7 +63,7 @@ def load_miniimagenet(
             return _load_mini_pickle(base / pickle_name)
     for base in bases:
         if (base / "images").is_dir():
-            return _load_mini_folder(base, split, splits_dir, cache_dir)
+            return _load_mini_folder(base, split, cache_dir)
     target = root / "miniimagenet" if (root / "miniimagenet").is_dir() else root
     if not download:
         raise UserError(
@@ -121,20 +119,16 @@ def _same_count(by_class: dict[str, list], source: Path) -> int:
     return counts.pop()
 
 
-def _load_mini_folder(
-    base: Path, split: str, splits_dir: Path | str | None, cache_dir: Path | str | None
-) -> torch.Tensor:
-    """Format B: raw images listed by Ravi & Larochelle's csv, resized and cached."""
+def _split_csv(base: Path, split: str) -> tuple[Path, dict[str, list[str]]]:
+    """Ravi & Larochelle's csv of the split (in `splits/` or beside `images/`): its path and the
+    image file names per class, classes ordered by WordNet id."""
     csv_name = f"{MINI_CSV[split]}.csv"
-    places = ([Path(splits_dir).expanduser()] if splits_dir is not None else []) + [
-        base / "splits",
-        base,
-    ]
+    places = [base / "splits", base]
     csv_path = next((p / csv_name for p in places if (p / csv_name).is_file()), None)
     if csv_path is None:
         raise UserError(
             f"{base / 'splits' / csv_name}: not found; put Ravi & Larochelle's split csvs in "
-            "dataset.root/splits or set dataset.splits_dir"
+            "dataset.root/splits (or beside the images/ folder)"
         )
     with open(csv_path, newline="") as file:
         rows = list(csv.reader(file))
@@ -143,7 +137,12 @@ def _load_mini_folder(
     by_class: dict[str, list[str]] = {}
     for filename, label in rows[1:]:
         by_class.setdefault(label, []).append(filename)
-    by_class = {label: by_class[label] for label in sorted(by_class)}
+    return csv_path, {label: by_class[label] for label in sorted(by_class)}
+
+
+def _load_mini_folder(base: Path, split: str, cache_dir: Path | str | None) -> torch.Tensor:
+    """Format B: raw images listed by Ravi & Larochelle's csv, resized and cached."""
+    csv_path, by_class = _split_csv(base, split)
     per_class = _same_count(by_class, csv_path)
 
     listing = hashlib.sha1(csv_path.read_bytes())

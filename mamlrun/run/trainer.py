@@ -21,6 +21,8 @@ import torch
 from mamlrun import console
 from mamlrun.config.schema import RunConfig
 from mamlrun.config.validate import captures_cuda_graph
+from mamlrun.maml.batch import TaskBatch
+from mamlrun.maml.engine import Engine
 from mamlrun.maml.step import MetaStep, read_stats
 from mamlrun.run import rundir
 from mamlrun.run.build import (
