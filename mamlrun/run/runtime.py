@@ -60,14 +60,12 @@ def keep_freed_memory() -> bool:
     activations. glibc serves blocks above its mmap threshold with fresh `mmap`s and returns free
     memory at the top of its heap to the OS once more than its trim threshold is free; the
     thresholds adapt only up to 32 and 64 MB, so every iteration maps pages that the kernel must
-    fault in and zero again. Measured on a 2-core CPU (vmap engine, second-order MAML): Omniglot
-    5w1s ~10,000 page faults and 16 ms of kernel time per iteration, miniImageNet 5w1s (290 MB
-    per layer) 790,000 faults and 1.5 s; with blocks up to 1 GB served from the heap and no
-    trimming below 2 GB, about none, and 1.1x and 1.6x the iterations per second. The cost: the
-    process keeps its peak heap (miniImageNet 5w1s: 4.3 GB resident instead of 3.5). Nothing is
-    changed where the user set glibc's own variables (MALLOC_TRIM_THRESHOLD_,
-    MALLOC_MMAP_THRESHOLD_, glibc.malloc tunables), or off glibc (another libc, or an allocator
-    such as jemalloc preloaded, which mallopt does not reach).
+    fault in and zero again. With blocks up to 1 GB served from the heap and no trimming below
+    2 GB, an iteration reuses its pages (tests/test_runtime.py counts the page faults; the speed
+    gained and the resident memory it costs are in docs/benchmarks.md). Nothing is changed where
+    the user set glibc's own variables (MALLOC_TRIM_THRESHOLD_, MALLOC_MMAP_THRESHOLD_,
+    glibc.malloc tunables), or off glibc (another libc, or an allocator such as jemalloc
+    preloaded, which mallopt does not reach).
 
     Returns whether the thresholds were set.
     """
