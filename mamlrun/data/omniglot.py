@@ -66,11 +66,6 @@ class OmniglotData:
     images: torch.Tensor
     characters: list[str]
 
-    @property
-    def num_background(self) -> int:
-        """Rows that come from images_background (964 in the real data)."""
-        return sum(name.startswith("images_background/") for name in self.characters)
-
 
 class _OmniglotSet:
     """One Omniglot set (background or evaluation), read from its zip or its extracted folder.
