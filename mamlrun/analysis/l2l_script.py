@@ -53,6 +53,10 @@ NUM_TASKS = 20000
 TRAIN_CLASSES = 1100  # of 1623, as learn2learn's Omniglot benchmark splits them
 
 
+def _complete(target: Path) -> bool:
+    return all((target / "omniglot-py" / name).is_dir() for name in SETS)
+
+
 def script_data_root(omniglot_root: Path) -> Path | None:
     """A folder holding torchvision's `omniglot-py/images_{background,evaluation}/` for
     `omniglot_root`'s archives (extracted on first use), or None where it does not hold both."""
@@ -64,7 +68,7 @@ def script_data_root(omniglot_root: Path) -> Path | None:
     )
     digest = hashlib.sha1(key.encode()).hexdigest()[:16]
     target = _default_cache_dir() / "bench" / "learn2learn-omniglot" / digest
-    if all((target / "omniglot-py" / name).is_dir() for name in SETS):
+    if _complete(target):
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     partial = Path(tempfile.mkdtemp(dir=target.parent, prefix=".partial-"))
@@ -77,9 +81,10 @@ def script_data_root(omniglot_root: Path) -> Path | None:
                     archive.extractall(folder)
             else:  # an extracted folder: linked, not copied
                 (folder / name).symlink_to(path.resolve(), target_is_directory=True)
-        if target.exists():  # another process got there first
+        if _complete(target):  # another process got there first
             shutil.rmtree(partial)
         else:
+            shutil.rmtree(target, ignore_errors=True)  # an incomplete copy left by hand
             os.replace(partial, target)
     except BaseException:
         shutil.rmtree(partial, ignore_errors=True)
