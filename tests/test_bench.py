@@ -1,14 +1,31 @@
 """`mamlrun bench` as users run it: one command, a table of all contenders, one doc section per
 machine. Speeds are not asserted here (they are the benchmark's output, not a test)."""
 
+import json
 import os
 import subprocess
+from pathlib import Path
 
 import pytest
 import torch
 
 from conftest import MAMLRUN, run_mamlrun
-from mamlrun.analysis.bench import ABLATION_EAGER, ABLATION_VMAP, CONTENDERS
+from mamlrun.analysis.bench import (
+    ABLATION_EAGER,
+    ABLATION_VMAP,
+    CONTENDERS,
+    SETTING_PRESETS,
+    bench_setting,
+)
+from mamlrun.analysis.l2l_script import SCRIPT_LABEL
+from mamlrun.analysis.reproduce import _duration
+from mamlrun.config.compose import compose_config
+
+OMNIGLOT = Path("/work/shared/data/omniglot")
+# CI provides the real Omniglot there: a missing folder must fail the test, not skip it
+needs_omniglot = pytest.mark.skipif(
+    not OMNIGLOT.is_dir() and os.environ.get("CI") != "true", reason=f"no Omniglot at {OMNIGLOT}"
+)
 
 ABLATION_BF16 = "mamlrun vmap, bf16 autocast"
 
@@ -110,3 +127,77 @@ def test_a_bench_stopped_by_a_time_limit_keeps_every_finished_repeat(tmp_path):
     settings = {row[0] for row in rows}
     assert settings == {"sinusoid", "omniglot_5w1s (1 of 3 repeats)"}, settings
     assert len(rows) == 2 * len(CONTENDERS)
+
+
+def _by_contender(text: str) -> dict[str, list[str]]:
+    return {row[1]: row for row in _table_rows(text)}
+
+
+def _assert_gflop_s_is_count_times_rate(rows: dict[str, list[str]]) -> None:
+    for contender, row in rows.items():  # GFLOP/s = GFLOP/it x it/s, to the cells' rounding
+        rate, gflop, gflop_s = float(row[2]), float(row[7]), float(row[8])
+        assert gflop > 0 and gflop_s > 0, contender
+        assert gflop_s == pytest.approx(gflop * rate, rel=0.01, abs=0.006 * gflop), contender
+
+
+def test_bench_settings_are_the_presets_as_composed():
+    for name, preset in SETTING_PRESETS.items():
+        cfg = compose_config([f"experiment=finn2017/{preset}"])
+        setting = bench_setting(name)
+        assert setting.meta_batch_size == cfg.algorithm.meta_batch_size, name
+        assert setting.inner_steps == cfg.algorithm.inner_steps, name
+        assert setting.inner_lr == cfg.algorithm.inner_lr, name
+        assert setting.shots == cfg.dataset.shots, name
+    twenty = bench_setting("omniglot_20w1s")
+    assert (twenty.ways, twenty.inner_steps, twenty.meta_batch_size) == (20, 5, 16)
+    assert bench_setting("miniimagenet_5w1s").query_shots == 15
+
+
+@needs_omniglot
+def test_bench_runs_learn2learns_maml_omniglot_script_on_the_real_omniglot(tmp_path):
+    output = tmp_path / "bench.md"
+    args = ("bench", "settings=omniglot_5w1s", "repeats=1", "seconds=0.1", "throughput=")
+    run_mamlrun(*args, f"omniglot_root={OMNIGLOT}", f"output={output}", cwd=tmp_path)
+    rows = _by_contender(output.read_text())
+    assert list(rows) == [CONTENDERS[0], SCRIPT_LABEL, *CONTENDERS[1:]]
+    assert rows[SCRIPT_LABEL][6] == "1.0×"  # the ratio to the script, for the script itself
+    rates = {contender: float(row[2]) for contender, row in rows.items()}
+    expected = rates["mamlrun vmap"] / rates[SCRIPT_LABEL]
+    assert float(rows["mamlrun vmap"][6].rstrip("×")) == pytest.approx(expected, rel=0.06, abs=0.06)
+    # a second-order Omniglot 5w1s meta-iteration, as FlopCounterMode counts it
+    assert 9 < float(rows["mamlrun learn2learn"][7]) < 12
+    _assert_gflop_s_is_count_times_rate(rows)
+
+
+def test_bench_on_random_images_has_no_script_row(tmp_path, monkeypatch):
+    monkeypatch.setenv("MAMLRUN_DATA", str(tmp_path / "no-omniglot"))
+    output = tmp_path / "bench.md"
+    args = ("bench", "settings=omniglot_5w1s", "repeats=1", "seconds=0.1", "throughput=")
+    result = run_mamlrun(*args, f"output={output}", cwd=tmp_path)
+    rows = _by_contender(output.read_text())
+    assert list(rows) == list(CONTENDERS)
+    assert all(row[6] == "-" for row in rows.values())  # no script to compare with
+    assert f"no '{SCRIPT_LABEL}' row" in result.stderr + result.stdout
+    _assert_gflop_s_is_count_times_rate(rows)
+
+
+def test_bench_writes_the_throughput_that_reproduce_estimates_from(tmp_path, monkeypatch):
+    file = tmp_path / "throughput.json"
+    args = ("bench", "settings=sinusoid", "repeats=1", "seconds=0.1", "output=")
+    run_mamlrun(*args, f"throughput={file}", cwd=tmp_path)
+
+    def refuse(constant):
+        raise ValueError(f"not strict JSON: {constant}")
+
+    data = json.loads(file.read_text(), parse_constant=refuse)
+    entry = data["cpu"]["presets"]["sinusoid_maml"]
+    assert entry["tasks_per_second"] > 0 and "mamlrun bench" in entry["command"]
+    assert entry["machine"] and entry["date"]
+    assert set(data["cpu"]["presets"]) == {"sinusoid_maml"}  # only what it measured
+
+    monkeypatch.setenv("MAMLRUN_THROUGHPUT", str(file))
+    out = run_mamlrun("reproduce", "sinusoid", "--dry-run", "budget=0.001", cwd=tmp_path).stdout
+    rows = {line.split()[1]: line for line in out.splitlines() if "sinusoid_" in line}
+    expected = _duration(70 * 25 / entry["tasks_per_second"])  # 70 iterations x 25 tasks
+    assert rows["sinusoid_maml"].split("│")[-2].strip() == expected
+    assert rows["sinusoid_pretrained"].split("│")[-2].strip() == "?"  # not in this file

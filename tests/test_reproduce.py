@@ -13,7 +13,8 @@ import torch
 from hydra import compose, initialize_config_module
 
 from conftest import MAMLRUN, QUICK, run_mamlrun
-from mamlrun.analysis.reproduce import CUDA_TASKS_PER_SECOND, _duration
+from mamlrun.analysis.reproduce import _duration
+from mamlrun.analysis.throughput import device_throughput
 from mamlrun.config.schema import Algorithm, Hardware, MLPModel, SinusoidDataset
 from mamlrun.config.validate import validate
 from mamlrun.errors import ConfigError
@@ -147,7 +148,7 @@ def test_reproduce_dry_run_on_cuda_estimates_from_the_gpu_bench(tmp_path):
     assert "est. H200 time" in out and "on an H200 GPU" in out
     rows = {line.split()[1]: line for line in out.splitlines() if "omniglot_" in line}
     tasks = 6_000 * 32  # budget 0.1 of 60,000 iterations, meta-batch 32
-    expected = _duration(tasks / CUDA_TASKS_PER_SECOND["omniglot_5w1s"])
+    expected = _duration(tasks / device_throughput("cuda")[1]["omniglot_5w1s"])
     assert rows["omniglot_5w1s"].split("│")[-2].strip() == expected
     assert rows["omniglot_5w5s"].split("│")[-2].strip() == "?"  # not benchmarked on a GPU
     assert "not counting the 4 cell(s) marked ?" in " ".join(out.split())  # 5w5s, 20w5s, MLPs

@@ -32,6 +32,7 @@ import yaml
 from mamlrun import console
 from mamlrun.analysis.runs import FINISHED, NOT_RUN, Run, load_run
 from mamlrun.analysis.tables import build_tables, print_tables, write_tables
+from mamlrun.analysis.throughput import device_throughput, throughput_file
 from mamlrun.config.compose import compose_config, parse_overrides, to_container
 from mamlrun.config.schema import RunConfig, SinusoidDataset
 from mamlrun.config.validate import validate
@@ -57,38 +58,6 @@ TABLES: dict[str, list[str]] = {
     "sinusoid": ["sinusoid_maml", "sinusoid_pretrained"],
 }
 ROOT = Path("outputs/reproduce")
-
-# Meta-training throughput in tasks per second, measured per preset on the 2-core Intel Xeon
-# development CPU (both cores, torch 2.14): sinusoid from full `mamlrun reproduce sinusoid` runs
-# (validation included); Omniglot from timed training steps of each preset (its engine, sampler
-# and hardware defaults: hand-written second derivatives, compiled batch norm) on the real data;
-# miniImageNet likewise on random images of its shape (its images are not shipped); all with
-# glibc's malloc keeping freed memory (`builders.keep_freed_memory`). Only for rough time
-# estimates; a GPU is much faster on the conv presets. Evaluation is not included.
-CPU_TASKS_PER_SECOND: dict[str, float] = {
-    "sinusoid_maml": 7800,
-    "sinusoid_pretrained": 18000,
-    "omniglot_5w1s": 230,
-    "omniglot_5w5s": 58,
-    "omniglot_20w1s": 18.3,
-    "omniglot_20w5s": 3.6,
-    "omniglot_mlp_5w1s": 510,
-    "omniglot_mlp_5w5s": 410,
-    "miniimagenet_5w1s": 2.8,
-    "miniimagenet_5w5s": 1.1,
-    "miniimagenet_fo_5w1s": 3.7,
-    "miniimagenet_fo_5w5s": 1.9,
-}
-# The same on one NVIDIA H200 (torch 2.11, float32, CUDA graphs: `hardware=cuda`'s defaults),
-# from `mamlrun bench device=cuda` (docs/benchmarks.md, 2026-11-28; validation not included: a
-# timed Omniglot 5w1s training run with validation went at 98 % of its bench rate). Only the
-# presets the bench measures; the others' estimates show "?".
-CUDA_TASKS_PER_SECOND: dict[str, float] = {
-    "sinusoid_maml": 80000,
-    "omniglot_5w1s": 6800,
-    "omniglot_20w1s": 500,
-    "miniimagenet_5w1s": 150,
-}
 
 REUSE, RESUME, RUN = "reuse", "resume", "run"
 
@@ -192,24 +161,21 @@ class Throughput:
     tasks_per_second: dict[str, float]
 
 
-CPU = Throughput(
-    "CPU",
-    "on a CPU (training only; throughput constants measured on both cores of a 2-core Intel "
-    "Xeon, see mamlrun/analysis/reproduce.py; a GPU is much faster for the conv presets",
-    CPU_TASKS_PER_SECOND,
-)
-H200 = Throughput(
-    "H200",
-    "on an H200 GPU (training only; measured by mamlrun bench, see mamlrun/analysis/reproduce.py",
-    CUDA_TASKS_PER_SECOND,
-)
-
-
 def _throughput(cells: list[Cell]) -> Throughput:
-    """The machine the estimates are for: the cells' device type."""
-    if any(cell.settings.hardware.device.startswith("cuda") for cell in cells):
-        return H200
-    return CPU
+    """The machine the estimates are for (the cells' device type), with the tasks/s that
+    `mamlrun bench` and earlier sessions measured there (`mamlrun/analysis/throughput.json`); none
+    (every estimate "?") where that file is missing or unreadable."""
+    cuda = any(cell.settings.hardware.device.startswith("cuda") for cell in cells)
+    label, rates = device_throughput("cuda" if cuda else "cpu")
+    source = f"measured tasks/s from {throughput_file()}"
+    if cuda:
+        label = label or "GPU"
+        return Throughput(label, f"on an {label} GPU (training only; {source}", rates)
+    return Throughput(
+        label or "CPU",
+        f"on a CPU (training only; {source}; a GPU is much faster for the conv presets",
+        rates,
+    )
 
 
 def plan_table(

@@ -63,7 +63,7 @@ COMMANDS: dict[str, tuple[str, Callable[[list[str]], None]]] = {
     ),
     "bench": (
         "meta-training throughput vs a plain learn2learn loop (docs/benchmarks.md)",
-        _plain_command("bench", "mamlrun.analysis.bench", "run_bench"),
+        _plain_command("bench", "mamlrun.cli.bench", "run_bench"),
     ),
     "reproduce": (
         "rerun a paper table and compare: reproduce {omniglot,miniimagenet,sinusoid,all}",
