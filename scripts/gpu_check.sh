@@ -3,7 +3,7 @@
 # GPU session (or a new cluster node) spends its time measuring, not typing:
 #   tests     pytest -m gpu (CUDA kernels of both engines, CUDA-graph replay, peak memory, TF32/bf16)
 #   omniglot  the paper's Omniglot 5-way 1-shot run, full budget (60,000 iterations), timed, with
-#             its 600-task test; the target is under 10 minutes on one GPU
+#             its 600-task test (the aim: under 10 minutes on one GPU)
 #   tf32      the same run with hardware.precision=tf32: does TF32 change the test accuracy?
 #   bench     mamlrun bench on the GPU for the rows docs/benchmarks.md lacks (miniImageNet 5w1s)
 # Usage: OMNIGLOT=<dir with the Omniglot archives> scripts/gpu_check.sh [step ...]

@@ -21,7 +21,7 @@ from mamlrun.analysis.l2l_script import SCRIPT_LABEL
 from mamlrun.analysis.reproduce import _duration
 from mamlrun.config.compose import compose_config
 
-OMNIGLOT = Path("/work/shared/data/omniglot")
+OMNIGLOT = Path(__file__).resolve().parents[2] / "shared" / "data" / "omniglot"
 # CI provides the real Omniglot there: a missing folder must fail the test, not skip it
 needs_omniglot = pytest.mark.skipif(
     not OMNIGLOT.is_dir() and os.environ.get("CI") != "true", reason=f"no Omniglot at {OMNIGLOT}"

@@ -36,10 +36,8 @@ reproduce --dry-run` reads for its time estimates.
 
 from __future__ import annotations
 
-import contextlib
 import math
 import os
-import platform
 import statistics
 import time
 from collections.abc import Callable
@@ -64,7 +62,7 @@ from mamlrun.errors import UserError
 from mamlrun.maml.l2l_engine import Learn2LearnEngine, import_learn2learn
 from mamlrun.maml.step import WARMUP_STEPS, MetaStep
 from mamlrun.run.build import model_for
-from mamlrun.run.runtime import select_device, set_cuda_precision
+from mamlrun.run.runtime import cpu_model, select_device, set_cuda_precision
 
 T = TypeVar("T")
 
@@ -219,7 +217,7 @@ def _images(setting: Setting, omniglot_root: Path | None, required: bool) -> Ima
             try:
                 data = load_omniglot(omniglot_root)
                 train = omniglot_splits(len(data.images))["train"]
-                source = "real Omniglot (1100 training characters)"
+                source = f"real Omniglot ({len(train)} training characters)"
                 return Images(data.images[train].unsqueeze(2), source, omniglot_root)
             except UserError as err:
                 if required:
@@ -405,14 +403,8 @@ def hardware_description(device: torch.device) -> str:
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
         return f"{name}, torch {torch.__version__}, CUDA {torch.version.cuda}"
-    cpu = platform.processor() or "CPU"
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
     return (
-        f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__}, "
+        f"{cpu_model()}, {os.cpu_count()} cores, torch {torch.__version__}, "
         f"{torch.get_num_threads()} thread(s)"
     )
 

@@ -67,7 +67,7 @@ def _iterations_text(run: Run) -> str:
 
 def settings_of(run: Run) -> list[str]:
     """The run's test settings: eval.json's, or for a run without one, those it would have had
-    (named as `builders.setting_label` names them: `K=5`, `5-way 1-shot`)."""
+    (named as `mamlrun.run.build.setting_label` names them: `K=5`, `5-way 1-shot`)."""
     if run.evaluation:
         return list(run.evaluation["results"])
     dataset = run.config.get("dataset") or {}
@@ -255,18 +255,13 @@ def _val_text(run: Run) -> str:
 
 def machine() -> str:
     """This machine's accelerator or CPU model, and torch's version."""
-    import platform
-
     import torch
+
+    from mamlrun.run.runtime import cpu_model
 
     if torch.cuda.is_available():
         return f"{torch.cuda.get_device_name()}, torch {torch.__version__}"
-    cpu = platform.processor() or "CPU"
-    cpuinfo = Path("/proc/cpuinfo")
-    if cpuinfo.is_file():
-        names = [line for line in cpuinfo.read_text().splitlines() if line.startswith("model name")]
-        cpu = names[0].split(":", 1)[1].strip() if names else cpu
-    return f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__}"
+    return f"{cpu_model()}, {os.cpu_count()} cores, torch {torch.__version__}"
 
 
 def hardware_text(runs: list[Run]) -> str:
