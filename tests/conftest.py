@@ -12,6 +12,7 @@ import pytest
 import torch
 from torch import nn
 
+from mamlrun.analysis.throughput import THROUGHPUT_ENV, THROUGHPUT_FILE
 from mamlrun.maml.models import BatchStatNorm
 
 # The installed console script, as users run it; `python -m mamlrun` where there is none (the
@@ -49,6 +50,21 @@ def run_mamlrun(*args: str, cwd: Path, expect_ok: bool = True, timeout: int = 60
 
 def read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _private_throughput_file(tmp_path_factory):
+    """Benches in tests write a copy of the shipped throughput file, never the file itself
+    (`throughput=shipped`, the default, and reproduce both follow $MAMLRUN_THROUGHPUT)."""
+    copy = tmp_path_factory.mktemp("throughput") / THROUGHPUT_FILE.name
+    copy.write_text(THROUGHPUT_FILE.read_text())
+    saved = os.environ.get(THROUGHPUT_ENV)
+    os.environ[THROUGHPUT_ENV] = str(copy)
+    yield copy
+    if saved is None:
+        os.environ.pop(THROUGHPUT_ENV)
+    else:
+        os.environ[THROUGHPUT_ENV] = saved
 
 
 @pytest.fixture(scope="session")

@@ -56,6 +56,7 @@ from mamlrun.analysis.throughput import record_throughput
 from mamlrun.config.compose import compose_config
 from mamlrun.config.schema import Hardware, SinusoidDataset
 from mamlrun.config.validate import hardware_defaults, validate
+from mamlrun.data.facts import IMAGES_PER_CLASS, SPLIT_CLASSES
 from mamlrun.data.fewshot import TensorClassificationTasks
 from mamlrun.data.sinusoid import SinusoidTasks
 from mamlrun.errors import UserError
@@ -113,11 +114,11 @@ class Setting:
 
     @property
     def omniglot(self) -> bool:
-        return getattr(self.dataset, "name", "") == "omniglot"
+        return not self.regression and self.dataset.name == "omniglot"
 
     @property
     def rotations(self) -> bool:
-        return bool(getattr(self.dataset, "rotations", False))
+        return not self.regression and self.dataset.rotations
 
     def model(self) -> torch.nn.Module:
         return model_for(self.model_cfg, self.dataset)
@@ -227,13 +228,19 @@ def _images(setting: Setting, omniglot_root: Path | None, required: bool) -> Ima
                         "two archives (mamlrun data prepare dataset=omniglot downloads them)"
                     ) from None
                 console.info(f"no Omniglot under {omniglot_root} ({err}): random images instead")
-        shape = (1100, 20, 1, 28, 28)
-        source = "random 28x28 images (1100 classes x 20)"
+        classes, per_class, channels = (
+            SPLIT_CLASSES["omniglot"]["train"],
+            IMAGES_PER_CLASS["omniglot"],
+            1,
+        )
     else:
         # 600 images per class in the real data; 60 keep this benchmark's memory small and do
         # not change the cost of a training step.
-        shape = (64, 60, 3, 84, 84)
-        source = "random 84x84 RGB images (64 classes x 60)"
+        classes, per_class, channels = SPLIT_CLASSES["miniimagenet"]["train"], 60, 3
+    size = setting.dataset.image_size
+    shape = (classes, per_class, channels, size, size)
+    colour = "" if channels == 1 else " RGB"
+    source = f"random {size}x{size}{colour} images ({classes} classes x {per_class})"
     images = torch.randint(0, 256, shape, dtype=torch.uint8, generator=generator)
     return Images(images, source)
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from mamlrun.analysis import bench
-from mamlrun.analysis.throughput import THROUGHPUT_FILE
+from mamlrun.analysis.throughput import THROUGHPUT_ENV, THROUGHPUT_FILE, throughput_file
 from mamlrun.config.schema import DEVICE_PATTERN
 from mamlrun.errors import UserError
 
@@ -25,7 +25,9 @@ DEFAULTS = {
     "precision": "auto",
     "throughput": SHIPPED,
 }
-KEY_NOTES = {"throughput": f"({THROUGHPUT_FILE.name} in mamlrun/analysis; empty: none)"}
+KEY_NOTES = {
+    "throughput": f"({THROUGHPUT_FILE.name} in mamlrun/analysis, or ${THROUGHPUT_ENV}; empty: none)"
+}
 
 
 def _check_number(key: str, value: str, kind: type, minimum: float) -> None:
@@ -68,7 +70,7 @@ def parse_options(args: list[str]) -> bench.BenchOptions:
             raise UserError(f"settings={name}: unknown (choose from {choices})")
     throughput = options["throughput"]
     if throughput:
-        throughput = THROUGHPUT_FILE if throughput == SHIPPED else Path(throughput).expanduser()
+        throughput = throughput_file() if throughput == SHIPPED else Path(throughput).expanduser()
     return bench.BenchOptions(
         settings=names,
         repeats=int(options["repeats"]),

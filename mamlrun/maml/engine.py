@@ -3,7 +3,7 @@
 Three classes implement it: `Learn2LearnEngine` (the reference, task by task through learn2learn),
 `VmapEngine` (all tasks of a meta-batch in one batched call) and `PretrainEngine` (the supervised
 baseline, which trains differently and adapts through one of the other two). The trainer
-(`mamlrun.run.train`), evaluation and its plots (`mamlrun.run.evaluation`, `mamlrun.run.plots`),
+(`mamlrun.run.trainer`), evaluation and its plots (`mamlrun.run.evaluation`, `mamlrun.run.plots`),
 `MetaStep` (`mamlrun.maml.step`), `PretrainEngine` and the benchmark (`mamlrun.analysis.bench`)
 use engines only through these members, so a new engine is complete when it has them all, and a
 difference between engines is a member here (`capturable`, `task_mean`), never a check for whether

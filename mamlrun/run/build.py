@@ -97,7 +97,7 @@ def eval_shots(dataset: Any, requested: list[int] | None) -> list[int]:
     """The K values evaluated: `eval.shots` if given, else the dataset's list (or its K)."""
     if requested:
         return list(requested)
-    return list(getattr(dataset, "eval_shots", None) or [dataset.shots])
+    return list(dataset.eval_shots) if isinstance(dataset, SinusoidDataset) else [dataset.shots]
 
 
 def setting_label(dataset: Any, shots: int) -> str:
