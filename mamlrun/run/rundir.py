@@ -66,7 +66,7 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 
 def save(path: Path, payload: dict[str, Any]) -> None:
-    """Atomically write `payload` (see `train.py` for its keys) to `path`."""
+    """Atomically write `payload` (`Trainer._checkpoint` lists its keys) to `path`."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(path.suffix + ".tmp")
     torch.save(payload, tmp)
