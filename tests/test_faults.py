@@ -1,0 +1,235 @@
+"""The fault suite: training killed with SIGKILL at random moments and resumed, hostile input files,
+a full disk during a checkpoint, two processes on one run directory.
+
+Every fault must end the same way for the user: nothing finished is lost, and `resume=` (or simply
+running the command again) continues to exactly the result of an undisturbed run. Each test prints
+its figures (kills delivered, outcome per hostile file) so that `pytest -s` shows them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import MAMLRUN, QUICK, read_jsonl, run_mamlrun
+
+OMNIGLOT = Path(__file__).resolve().parents[2] / "shared" / "data" / "omniglot"
+needs_omniglot = pytest.mark.skipif(
+    not (OMNIGLOT / "images_background.zip").is_file() and os.environ.get("CI") != "true",
+    reason=f"the real Omniglot archives are not in {OMNIGLOT}",
+)
+
+# Checkpoints and logs often, so that kills land during checkpoint writes, logging, validation
+# and the final evaluation as well as between them.
+SINUSOID = [
+    *QUICK,
+    "train.iterations=400",
+    "train.log_every=20",
+    "train.val_every=100",
+    "train.checkpoint_every=20",
+    "eval.tasks=50",
+]
+OMNIGLOT_RUN = [
+    *QUICK,
+    "dataset=omniglot",
+    f"dataset.root={OMNIGLOT}",
+    "dataset.sampler=tensor",
+    "hardware.compile=false",
+    "algorithm.meta_batch_size=4",
+    "train.iterations=40",
+    "train.log_every=5",
+    "train.val_every=20",
+    "train.val_tasks=10",
+    "train.checkpoint_every=5",
+    "eval.tasks=20",
+]
+
+
+def _start(args: list[str], cwd: Path) -> subprocess.Popen:
+    env = {**os.environ, "WANDB_SILENT": "true", "COLUMNS": "160"}
+    return subprocess.Popen(
+        [*MAMLRUN, *args], cwd=cwd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+    )
+
+
+def _results(run_dir: Path) -> tuple[dict, list, dict]:
+    """Final weights, metrics.jsonl rows and eval.json (without its timing and path)."""
+    weights = torch.load(run_dir / "checkpoints/last.pt", weights_only=False)["model"]
+    evaluation = json.loads((run_dir / "eval.json").read_text())
+    for key in ("seconds", "checkpoint"):
+        evaluation.pop(key)
+    return weights, read_jsonl(run_dir / "metrics.jsonl"), evaluation
+
+
+def _kill_and_resume(args: list[str], cwd: Path, kills: int, seed: int) -> tuple[int, Path]:
+    """Run `mamlrun train ARGS` into a fresh directory, SIGKILL it at a random moment of its
+    expected life, start it again (`resume=` once it has a checkpoint, else from scratch), and
+    so on until `kills` kills have landed; then let it finish. Returns the kills delivered."""
+    reference = cwd / "reference"
+    started = time.perf_counter()
+    run_mamlrun("train", *args, f"hydra.run.dir={reference}", cwd=cwd)
+    lifetime = time.perf_counter() - started
+    run_dir, rng, delivered = cwd / "killed", random.Random(seed), 0
+    while True:
+        has_checkpoint = (run_dir / "checkpoints/last.pt").is_file()
+        command = ["train", f"resume={run_dir}"] if has_checkpoint else ["train", *args]
+        if not has_checkpoint:
+            command.append(f"hydra.run.dir={run_dir}")
+        process = _start(command, cwd)
+        if delivered == kills:
+            _, stderr = process.communicate(timeout=600)
+            assert process.returncode == 0, stderr.decode()[-2000:]
+            return delivered, reference
+        try:
+            process.wait(timeout=rng.uniform(0.2, 1.0) * lifetime)
+        except subprocess.TimeoutExpired:
+            process.send_signal(signal.SIGKILL)
+            process.wait()
+            delivered += 1
+            continue
+        # it finished before the kill: a finished run is not rerun; start the chain again
+        assert process.returncode == 0, process.stderr.read().decode()[-2000:]
+        _compare(run_dir, reference)
+        shutil.rmtree(run_dir)
+
+
+def _compare(run_dir: Path, reference: Path) -> None:
+    weights, metrics, evaluation = _results(run_dir)
+    expected_weights, expected_metrics, expected_evaluation = _results(reference)
+    assert metrics == expected_metrics
+    assert evaluation == expected_evaluation
+    for name, tensor in expected_weights.items():
+        assert torch.equal(weights[name], tensor), name
+    leftovers = [p.name for p in run_dir.rglob("*") if ".tmp" in p.name or p.name.endswith(".part")]
+    assert not leftovers, f"half-written files left behind: {leftovers}"
+
+
+def test_sigkill_at_random_moments_then_resume_gives_the_undisturbed_run_sinusoid(tmp_path):
+    delivered, reference = _kill_and_resume(SINUSOID, tmp_path, kills=12, seed=1)
+    _compare(tmp_path / "killed", reference)
+    print(f"sinusoid: {delivered} kills delivered, {delivered} survived")
+
+
+@needs_omniglot
+def test_sigkill_at_random_moments_then_resume_gives_the_undisturbed_run_omniglot(tmp_path):
+    delivered, reference = _kill_and_resume(OMNIGLOT_RUN, tmp_path, kills=8, seed=2)
+    _compare(tmp_path / "killed", reference)
+    print(f"omniglot (tensor sampler): {delivered} kills delivered, {delivered} survived")
+
+
+# ------------------------------------------------------------------------------ hostile files
+
+
+def _mini_folder(root: Path, classes: int = 5, per_class: int = 3) -> Path:
+    """A tiny miniImageNet in the raw-images layout: images/ and Ravi & Larochelle's csvs."""
+    from PIL import Image
+
+    (root / "images").mkdir(parents=True)
+    for split in ("train", "val", "test"):
+        rows = ["filename,label"]
+        for c in range(classes):
+            wnid = f"n{split}{c:02d}"
+            for i in range(per_class):
+                name = f"{wnid}{i:08d}.jpg"
+                Image.new("RGB", (90, 90), (40 * c, 100, 30 * i)).save(root / "images" / name)
+                rows.append(f"{name},{wnid}")
+        (root / f"{split}.csv").write_text("\n".join(rows) + "\n")
+    return root
+
+
+def _refused(result, path: Path) -> str:
+    """The command failed as bad input does: exit 2, one error line naming `path`."""
+    errors = [line for line in result.stderr.splitlines() if "error:" in line]
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert "Traceback" not in result.stderr and len(errors) == 1, result.stderr[-2000:]
+    assert str(path) in errors[0], errors[0]
+    return errors[0]
+
+
+def _verify(dataset: str, root: Path, cwd: Path, **env: str):
+    return run_mamlrun(
+        "data", "verify", f"dataset={dataset}", f"dataset.root={root}", cwd=cwd, expect_ok=False
+    )
+
+
+def _no_partial_files(folder: Path) -> None:
+    partial = [
+        p for p in folder.rglob("*") if p.is_file() and (".tmp" in p.name or p.suffix == ".part")
+    ]
+    assert not partial, partial
+
+
+def _hostile_omniglot(case: str, root: Path) -> Path:
+    """Omniglot's two archives with one of them damaged as `case` says; returns the bad file."""
+    root.mkdir()
+    for name in ("images_background", "images_evaluation"):
+        (root / f"{name}.zip").symlink_to(OMNIGLOT / f"{name}.zip")
+    bad = root / "images_background.zip"
+    data = (OMNIGLOT / "images_background.zip").read_bytes()
+    bad.unlink()
+    if case == "truncated zip":
+        bad.write_bytes(data[: len(data) // 3])
+    elif case == "not a zip":
+        bad.write_bytes(b"<!DOCTYPE html><html>GitHub: rate limit exceeded</html>")
+    else:  # a damaged member: bytes flipped in the middle of the archive
+        middle = len(data) // 2
+        bad.write_bytes(
+            data[:middle]
+            + bytes(b ^ 0xFF for b in data[middle : middle + 64])
+            + data[middle + 64 :]
+        )
+    return bad
+
+
+@needs_omniglot
+@pytest.mark.parametrize("case", ["truncated zip", "not a zip", "damaged member"])
+def test_a_damaged_omniglot_archive_is_one_line_naming_it(case, tmp_path, monkeypatch):
+    monkeypatch.setenv("MAMLRUN_CACHE", str(tmp_path / "cache"))
+    bad = _hostile_omniglot(case, tmp_path / "omniglot")
+    line = _refused(_verify("omniglot", tmp_path / "omniglot", tmp_path), bad)
+    assert "delete it and download again" in line
+    _no_partial_files(tmp_path)
+    assert not list((tmp_path / "cache").glob("*.pt")) if (tmp_path / "cache").exists() else True
+    print(f"hostile Omniglot ({case}): refused, {line}")
+
+
+def test_hostile_miniimagenet_files_are_one_line_naming_them(tmp_path, monkeypatch):
+    monkeypatch.setenv("MAMLRUN_CACHE", str(tmp_path / "cache"))
+    html = tmp_path / "html"
+    html.mkdir()
+    (html / "mini-imagenet-cache-train.pkl").write_text("<!DOCTYPE html><html>Google Drive</html>")
+    line = _refused(_verify("miniimagenet", html, tmp_path), html / "mini-imagenet-cache-train.pkl")
+    assert "an HTML page, not a pickle" in line
+    print(f"hostile miniImageNet (HTML saved as the pickle): refused, {line}")
+
+    folder = _mini_folder(tmp_path / "folder")
+    bad = folder / "images" / "ntrain0100000001.jpg"
+    bad.write_bytes(b"this is not a JPEG")
+    line = _refused(_verify("miniimagenet", folder, tmp_path), bad)
+    assert "cannot read the image" in line
+    _no_partial_files(tmp_path)
+    print(f"hostile miniImageNet (an image that is not one): refused, {line}")
+
+
+def test_an_output_directory_that_cannot_be_made_is_one_line(tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    result = run_mamlrun(
+        "train",
+        *QUICK,
+        "train.iterations=2",
+        f"hydra.run.dir={blocker}/run",
+        cwd=tmp_path,
+        expect_ok=False,
+    )
+    line = _refused(result, blocker / "run")
+    print(f"hostile output directory (a file in the path): refused, {line}")
