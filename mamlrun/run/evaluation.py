@@ -55,7 +55,7 @@ def summarize(values: torch.Tensor) -> dict[str, list[float]]:
         "mean": values.mean(dim=0).tolist(),
         "std": std.tolist(),
         "ci95": (1.96 * std / math.sqrt(values.shape[0])).tolist(),
-        "median": values.nan_to_num(nan=math.inf).median(dim=0).values.tolist(),
+        "median": values.nan_to_num(nan=math.inf, posinf=math.inf).median(dim=0).values.tolist(),
         "diverged": (~finite).sum(dim=0).tolist(),
     }
 
