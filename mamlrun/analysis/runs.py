@@ -20,6 +20,7 @@ from mamlrun.config.compose import parse_overrides
 from mamlrun.errors import UserError
 from mamlrun.run import rundir
 from mamlrun.run.rundir import is_run_dir, load
+from mamlrun.run.tracking import read_metrics
 
 # A run's status, from the files it left.
 FINISHED = "finished"
@@ -97,7 +98,7 @@ def _last_val(path: Path) -> dict[str, Any] | None:
     metrics = path / rundir.METRICS
     if not metrics.is_file():
         return None
-    rows = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
+    rows = read_metrics(metrics)  # a null (non-finite) metric as nan
     val = [r for r in rows if r.get("split") == "val"]
     return val[-1] if val else None
 
@@ -136,6 +137,7 @@ def load_run(path: Path) -> Run:
         config = yaml.safe_load(config_file.read_text()) or {}
     evaluation = None
     if (path / rundir.EVAL).is_file():
+        # non-finite values are null (older files: NaN, Infinity, which json also reads)
         evaluation = json.loads((path / rundir.EVAL).read_text())
     iterations = _planned_iterations(config) if config else None
     if evaluation is not None:

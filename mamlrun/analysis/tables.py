@@ -21,6 +21,7 @@ from typing import Any
 from mamlrun import console
 from mamlrun.analysis.runs import FINISHED, Run
 from mamlrun.config.compose import parse_overrides
+from mamlrun.run.evaluation import mean_cell, number_text
 
 COMPARISON_COLUMNS = [
     "preset",
@@ -44,12 +45,21 @@ def _scale(metric: str) -> tuple[float, int, str]:
     return (100.0, 2, " %") if metric == "acc" else (1.0, 3, "")
 
 
-def format_value(metric: str, mean: float, ci: float | None = None) -> str:
+def format_value(metric: str, mean: float | None, ci: float | None = None) -> str:
+    """`mean ± ci` as the test table writes numbers (scientific from 1e6 on); a None mean (null in
+    eval.json: tasks diverged) is `inf`."""
     scale, digits, unit = _scale(metric)
-    text = f"{scale * mean:.{digits}f}"
+    if mean is None:
+        return "inf" + unit
+    text = number_text(scale * mean, digits)
     if ci is not None:
-        text += f" ± {scale * ci:.{digits}f}"
+        text += f" ± {number_text(scale * ci, digits)}"
     return text + unit
+
+
+def _inf_for_null(value: float | None) -> float:
+    """eval.json's null mean or median: tasks diverged, which count as +inf (as in the median)."""
+    return math.inf if value is None else value
 
 
 def _as_list(value: Any, length: int) -> list[Any]:
@@ -122,9 +132,9 @@ def comparison_records(runs: list[Run]) -> list[dict[str, Any]]:
                 stats = (results.get(setting) or {}).get(record["metric"])
                 if stats is not None and step < len(stats["mean"]):
                     record.update(
-                        mamlrun_mean=stats["mean"][step],
+                        mamlrun_mean=_inf_for_null(stats["mean"][step]),
                         mamlrun_ci95=stats["ci95"][step],
-                        mamlrun_median=stats["median"][step],
+                        mamlrun_median=_inf_for_null(stats["median"][step]),
                         diverged=stats.get("diverged", [0] * (step + 1))[step],
                     )
                 records.append(_compare(record))
@@ -166,7 +176,8 @@ def comparison_rows(records: list[dict[str, Any]]) -> list[list[str]]:
             median = format_value(metric, r["mamlrun_median"])
         if r["difference"] is not None:
             scale, digits, unit = _scale(metric)
-            difference = f"{scale * r['difference']:+.{digits}f}{unit}"
+            difference = number_text(scale * r["difference"], digits)
+            difference = ("" if difference.startswith("-") else "+") + difference + unit
             overlap = ("yes" if r["overlap"] else "no") + ("*" if r["paper_ci95"] is None else "")
         status = r["status"] if r["status"] != FINISHED else "ok"
         rows.append(
@@ -231,9 +242,8 @@ def results_table(runs: list[Run], base: Path | None = None) -> tuple[list[str],
                 row.append("–")
                 continue
             last = run.evaluation["inner_steps"]
-            stats = result[metric]
-            cell = format_value(metric, stats["mean"][last], stats["ci95"][last])
-            row.append(f"{cell} @{last}")
+            scale, digits, unit = _scale(metric)
+            row.append(f"{mean_cell(result[metric], last, scale, digits, unit)} @{last}")
         row.append("–" if run.seconds is None else f"{run.seconds:.0f} s")
         rows.append(row)
     return columns, rows

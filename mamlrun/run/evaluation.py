@@ -10,7 +10,6 @@ every run and every algorithm is scored on the same tasks.
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import time
 from pathlib import Path
@@ -31,7 +30,7 @@ from mamlrun.config.schema import (
 from mamlrun.config.validate import validate
 from mamlrun.errors import UserError
 from mamlrun.maml.engine import Engine
-from mamlrun.run import rundir
+from mamlrun.run import jsonio, rundir
 from mamlrun.run.build import engine_for, eval_shots, model_for, setting_label, task_sampler
 from mamlrun.run.rundir import load, resolve
 from mamlrun.run.runtime import seed_everything, select_device
@@ -46,7 +45,8 @@ def summarize(values: torch.Tensor) -> dict[str, list[float]]:
 
     A task whose adaptation diverged (inf or nan) is kept: the mean becomes non-finite, as it
     honestly is, `diverged` counts such tasks per step, and the median treats them as the worst
-    value (+inf) so it stays meaningful.
+    value (+inf) so it stays meaningful. Floats here; eval.json writes the non-finite ones as null
+    (`jsonio.dumps`), and the tables read either.
     """
     values = values.double()
     std = values.std(dim=0, unbiased=False)
@@ -55,7 +55,7 @@ def summarize(values: torch.Tensor) -> dict[str, list[float]]:
         "mean": values.mean(dim=0).tolist(),
         "std": std.tolist(),
         "ci95": (1.96 * std / math.sqrt(values.shape[0])).tolist(),
-        "median": values.nan_to_num(nan=math.inf).median(dim=0).values.tolist(),
+        "median": values.nan_to_num(nan=math.inf, posinf=math.inf).median(dim=0).values.tolist(),
         "diverged": (~finite).sum(dim=0).tolist(),
     }
 
@@ -123,23 +123,47 @@ def report_steps(inner_steps: int) -> list[int]:
     return sorted({s for s in (0, 1, 5, 10, inner_steps) if s <= inner_steps})
 
 
+# Beyond this magnitude a table shows a number in scientific notation, not 20 digits.
+SCIENTIFIC_FROM = 1e6
+
+
+def number_text(value: float | None, digits: int) -> str:
+    """A number in a table: `digits` decimals, or `:.3e` from SCIENTIFIC_FROM on. None (eval.json's
+    null for a non-finite mean or median) is `inf`: diverged tasks count as +inf, as in the median.
+    """
+    if value is None:
+        return "inf"
+    if math.isfinite(value) and abs(value) >= SCIENTIFIC_FROM:
+        return f"{value:.3e}"
+    return f"{value:.{digits}f}"
+
+
+def mean_cell(stats: dict[str, list], step: int, scale: float, digits: int, unit: str = "") -> str:
+    """`mean ± 95% CI` at `step` of eval.json-style `stats`; where tasks diverged, their count and
+    the median: `inf (3 diverged, median 5.770)` (the mean, non-finite or null, has no CI)."""
+    stats = jsonio.finite_or_none(stats)  # the same cell from memory (floats) and from eval.json
+    mean, ci = stats["mean"][step], stats["ci95"][step]
+    if mean is None:
+        cell = "inf" + unit
+    else:
+        ci_text = "inf" if ci is None else number_text(scale * ci, digits)
+        cell = f"{number_text(scale * mean, digits)} ± {ci_text}{unit}"
+    diverged = stats.get("diverged", [0] * (step + 1))[step]
+    if diverged:
+        cell += f" ({diverged} diverged, median {number_text(stats['median'][step], 3)})"
+    return cell
+
+
 def table_rows(report: dict[str, Any]) -> tuple[list[str], list[list[Any]]]:
     """Rows of mean ± 95% CI per setting; accuracy in percent, as the paper's tables."""
     metric, steps = report["metric"], report_steps(report["inner_steps"])
     percent = metric == "acc"
     name = "acc %" if percent else metric
     columns = ["setting"] + [f"{name} after {s} step{'s' * (s != 1)}" for s in steps]
+    scale, digits = (100, 2) if percent else (1, 3)
     rows = []
     for label, result in report["results"].items():
-        stats = result[metric]
-        scale, digits = (100, 2) if percent else (1, 3)
-        cells = []
-        for s in steps:
-            cell = f"{scale * stats['mean'][s]:.{digits}f} ± {scale * stats['ci95'][s]:.{digits}f}"
-            if stats.get("diverged", [0] * (s + 1))[s]:
-                cell += f" ({stats['diverged'][s]} diverged, median {stats['median'][s]:.3f})"
-            cells.append(cell)
-        rows.append([label, *cells])
+        rows.append([label, *(mean_cell(result[metric], s, scale, digits) for s in steps)])
     return columns, rows
 
 
@@ -197,7 +221,7 @@ def evaluate_and_report(
     the end of training."""
     report = evaluate(engine, config.dataset, config.algorithm, config.eval, device)
     report.update(checkpoint=str(checkpoint), iteration=iteration)
-    (run_dir / rundir.EVAL).write_text(json.dumps(report, indent=2) + "\n")
+    (run_dir / rundir.EVAL).write_text(jsonio.dumps(report, indent=2) + "\n")
     columns, rows = table_rows(report)
     title = (
         f"Test: {report['tasks']} tasks, mean ± 95% CI ({report['dataset']}, {report['algorithm']})"

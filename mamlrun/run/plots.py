@@ -6,6 +6,7 @@ computed by `mamlrun.run.evaluation`; matplotlib is imported only when there is 
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -15,6 +16,11 @@ import matplotlib
 matplotlib.use("Agg")  # no display on training machines
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
+
+
+def _floats(values: list[float | None], null: float) -> torch.Tensor:
+    """A list of eval.json numbers as a tensor, a null (a non-finite value) as `null`."""
+    return torch.tensor([null if v is None else v for v in values], dtype=torch.float64)
 
 
 def _save(fig: plt.Figure, path: Path, dpi: int = 120) -> Path:
@@ -118,7 +124,8 @@ def adaptation_comparison(
     """
     fig, ax = plt.subplots(figsize=(6, 4))
     for label, stats in curves.items():
-        mean, ci = torch.tensor(stats["mean"]), torch.tensor(stats["ci95"])
+        # eval.json's nulls: a diverged mean or median as +inf (as the median counts it), a CI nan
+        mean, ci = _floats(stats["mean"], math.inf), _floats(stats["ci95"], math.nan)
         steps = torch.arange(len(mean))
         (line,) = ax.plot(steps, mean, marker="o", label=f"{label} (mamlrun mean)")
         low = mean - ci if metric != "mse" else (mean - ci).clamp_min(float(mean.min()) / 4)
@@ -126,7 +133,7 @@ def adaptation_comparison(
         if "median" in stats:  # a few diverging tasks can dominate the mean: show both
             ax.plot(
                 steps,
-                stats["median"],
+                _floats(stats["median"], math.inf),
                 "--",
                 color=line.get_color(),
                 label=f"{label} (mamlrun median)",

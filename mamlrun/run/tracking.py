@@ -15,6 +15,7 @@ from hydra.core.hydra_config import HydraConfig
 
 from mamlrun.config.schema import NoLogger, WandbLogger
 from mamlrun.errors import UserError
+from mamlrun.run import jsonio
 from mamlrun.run.rundir import METRICS
 
 
@@ -123,19 +124,21 @@ class MetricsFile:
         if keep_until is not None and self.path.exists():
             # Resuming: rows logged after the checkpoint will be logged again, identically.
             kept = [r for r in read_metrics(self.path) if r["iteration"] <= keep_until]
-            self.path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+            self.path.write_text("".join(jsonio.dumps(r) + "\n" for r in kept))
         self.path.parent.mkdir(parents=True, exist_ok=True)
 
     def write(self, iteration: int, split: str, metrics: dict[str, Any]) -> dict[str, Any]:
+        """Append a row (a non-finite metric is written as null) and return it, floats kept."""
         row = {"iteration": iteration, "split": split, **metrics}
         with self.path.open("a") as f:
-            f.write(json.dumps(row) + "\n")
+            f.write(jsonio.dumps(row) + "\n")
         return row
 
 
 def read_metrics(path: Path) -> list[dict[str, Any]]:
+    """metrics.jsonl's rows; a null metric (non-finite when logged) comes back as nan."""
     with Path(path).open() as f:
-        return [json.loads(line) for line in f if line.strip()]
+        return [jsonio.nan_for_null(json.loads(line)) for line in f if line.strip()]
 
 
 def prefixed(split: str, row: dict[str, Any]) -> dict[str, Any]:
