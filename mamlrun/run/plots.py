@@ -149,8 +149,17 @@ def adaptation_comparison(
                 label=f"{label} (paper)",
             )
     ax.set(xlabel="number of gradient steps", ylabel=f"test {metric}", title=title)
-    if metric == "mse":
+    if metric == "mse" and _drawable_on_log_scale(curves):
         ax.set_yscale("log")  # outlier tasks' spikes would flatten the rest (band cut at > 0)
     ax.legend(fontsize=7)
     ax.grid(alpha=0.3)
     return _save(fig, path)
+
+
+def _drawable_on_log_scale(curves: dict[str, dict[str, list]]) -> bool:
+    """Whether some mean or median is finite and positive: where every task diverged from the
+    start there is nothing a log scale can show (matplotlib refuses it)."""
+    values = [
+        v for stats in curves.values() for key in ("mean", "median") for v in stats.get(key, [])
+    ]
+    return any(v is not None and math.isfinite(v) and v > 0 for v in values)
