@@ -6,6 +6,7 @@ during a checkpoint write, and two processes on one run directory.
 
 from __future__ import annotations
 
+import io
 import os
 import resource
 import signal
@@ -200,3 +201,26 @@ def test_a_second_train_into_a_held_run_directory_is_refused(tmp_path):
     resume = (f"resume={run_dir}", f"train.iterations={iteration + 2}", *SHORT[:1])
     run_mamlrun("train", *resume, cwd=tmp_path)
     assert torch.load(last, weights_only=True)["iteration"] == iteration + 2
+
+
+@pytest.mark.parametrize("name", ["ClassificationTasks", "TensorClassificationTasks"])
+def test_both_image_samplers_states_are_data(name):
+    from mamlrun.data import fewshot
+
+    images = torch.randint(0, 256, (6, 5, 1, 4, 4), dtype=torch.uint8)  # 6 classes of 5 images
+    tasks = getattr(fewshot, name)(images, list(range(6)), ways=3, shots=1, query_shots=2)
+    tasks.sample(2)
+    state = tasks.state_dict()
+    rundir.check_data(state)
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    buffer.seek(0)
+    again = getattr(fewshot, name)(images, list(range(6)), ways=3, shots=1, query_shots=2, seed=9)
+    again.load_state_dict(torch.load(buffer, weights_only=True))
+    pairs = zip(tasks.sample(2).tensors(), again.sample(2).tensors(), strict=True)
+    assert all(torch.equal(a, b) for a, b in pairs)
+
+
+def test_check_data_names_what_is_not_data():
+    with pytest.raises(TypeError, match=r"checkpoint\['rng'\]\['numpy'\]\[1\] is a numpy.ndarray"):
+        rundir.check_data({"rng": {"numpy": np.random.get_state()}})
