@@ -8,7 +8,7 @@ SHORT = [*QUICK, "train.eval_at_end=false", "algorithm.meta_batch_size=5"]
 
 
 def _final_state(run_dir):
-    return torch.load(run_dir / "checkpoints/last.pt", weights_only=False)
+    return torch.load(run_dir / "checkpoints/last.pt", weights_only=True)
 
 
 def test_same_seed_same_metrics_and_resume_equals_an_uninterrupted_run(tmp_path):

@@ -71,8 +71,8 @@ def test_a_few_hundred_iterations_learn_to_adapt(run_dir):
 
 
 def test_checkpoints_describe_themselves(run_dir):
-    last = torch.load(run_dir / "checkpoints/last.pt", weights_only=False)
-    best = torch.load(run_dir / "checkpoints/best.pt", weights_only=False)
+    last = torch.load(run_dir / "checkpoints/last.pt", weights_only=True)
+    best = torch.load(run_dir / "checkpoints/best.pt", weights_only=True)
     assert last["iteration"] == ITERATIONS
     assert {"model", "optimizer", "rng", "sampler", "config", "best"} <= set(last)
     assert last["config"]["algorithm"]["meta_lr"] == 0.01

@@ -19,7 +19,7 @@ import yaml
 from mamlrun.config.compose import parse_overrides
 from mamlrun.errors import UserError
 from mamlrun.run import rundir
-from mamlrun.run.rundir import is_run_dir, load
+from mamlrun.run.rundir import UnsafeCheckpoint, is_run_dir, load
 from mamlrun.run.tracking import read_metrics
 
 # A run's status, from the files it left.
@@ -130,6 +130,8 @@ def load_run(path: Path) -> Run:
         try:
             payload = load(last)
             config, iteration = payload["config"], payload["iteration"]
+        except UnsafeCheckpoint:
+            raise  # never skipped quietly: the user must see it is refused, and why
         except UserError:
             pass  # a truncated checkpoint: the run is treated as if it had none
     config_file = rundir.hydra_file(path, rundir.CONFIG)

@@ -73,6 +73,10 @@ COMMANDS: dict[str, tuple[str, Callable[[list[str]], None]]] = {
         "tables from finished runs: report <multirun dir | run dirs...> [--out DIR]",
         _plain_command("report", "mamlrun.cli.report", "run_report"),
     ),
+    "checkpoint": (
+        "convert a TRUSTED older checkpoint to data only: checkpoint convert <old.pt> [--out]",
+        _plain_command("checkpoint", "mamlrun.cli.checkpoint", "run_checkpoint"),
+    ),
 }
 
 

@@ -184,6 +184,7 @@ class RunConfig:
     paper: PaperReference | None
     train: TrainLoop
     eval: EvalSettings
+    trust_model_target: bool = False  # resume=: build classes the checkpoint's config names
 
 
 @dataclass(frozen=True)
@@ -199,6 +200,7 @@ class EvalConfig:
     data_root: str | None
     print_config: bool
     eval: EvalSettings
+    trust_model_target: bool = False  # build classes the checkpoint's config names
 
 
 DATASETS: dict[str, type] = {
@@ -229,6 +231,7 @@ TOP_LEVEL: dict[str, dict[str, Any]] = {
         "paper": PaperReference,
         "train": TrainLoop,
         "eval": EvalSettings,
+        "trust_model_target": bool,
     },
     "eval": {
         "task_name": str,
@@ -237,6 +240,7 @@ TOP_LEVEL: dict[str, dict[str, Any]] = {
         "data_root": (str, type(None)),
         "print_config": bool,
         "eval": EvalSettings,
+        "trust_model_target": bool,
     },
 }
 

@@ -90,6 +90,10 @@ def validate(cfg: DictConfig, primary: str = "train") -> RunConfig | EvalConfig:
     return RunConfig(**sections)
 
 
+# Top-level keys added after runs were already saved: their value in a config without them.
+OLDER_RUNS_DEFAULTS: dict[str, Any] = {"budget": 1.0, "trust_model_target": False}
+
+
 def _refuse_unknown_keys(cfg: DictConfig, primary: str) -> None:
     allowed = set(TOP_LEVEL[primary]) | set(GROUPS) | {"hydra"}
     for key in cfg:
@@ -132,7 +136,7 @@ def _top_level_sections(cfg: DictConfig, primary: str) -> dict[str, Any]:
             continue
         if OmegaConf.is_missing(cfg, key):
             raise ConfigError(f"{key}: required; pass {key}=<value> on the command line")
-        value = cfg.get(key, 1.0) if key == "budget" else cfg.get(key)  # older runs: 1.0
+        value = cfg.get(key, OLDER_RUNS_DEFAULTS.get(key))  # keys older runs' configs lack
         if not isinstance(value, kind) or isinstance(value, bool) and kind is int:
             raise ConfigError(f"{key}: expected {_kind_name(kind)}, got {value!r}")
         sections[key] = value

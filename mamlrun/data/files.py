@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
+from mamlrun.data.atomic import write_atomically
 from mamlrun.errors import UserError
 
 CACHE_VERSION = 1  # bump when a loader's output changes for the same input files
@@ -68,7 +69,8 @@ def _default_cache_dir() -> Path:
 
 
 def _cached(path: Path, build: Callable[[], dict]) -> dict:
-    """Load the dict saved at `path`, or build and save it (atomically: tmp file + os.replace).
+    """Load the dict saved at `path`, or build and save it (`write_atomically`: a temporary file
+    in the same folder, fsynced, renamed, the folder fsynced).
 
     A damaged cache file is rebuilt; a cache that cannot be written only warns, since the data
     is in memory anyway.
@@ -79,13 +81,9 @@ def _cached(path: Path, build: Callable[[], dict]) -> dict:
         except Exception:  # any unreadable cache is simply rebuilt
             pass
     value = build()
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        torch.save(value, tmp)
-        os.replace(tmp, path)
-    except OSError as error:
-        tmp.unlink(missing_ok=True)
+        write_atomically(path, lambda file: torch.save(value, file))
+    except (OSError, RuntimeError) as error:  # torch.save reports a failed write as RuntimeError
         warnings.warn(
             f"{path}: cannot write the cache ({error}); the next load redoes the work", stacklevel=3
         )

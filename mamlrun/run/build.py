@@ -132,6 +132,58 @@ def model_for(model_cfg: Any, dataset: Any) -> nn.Module:
     return build_model(model_cfg.name, input_shape(dataset), outputs, **options)
 
 
+def refuse_untrusted_targets(
+    checkpoint_config: dict[str, Any], trusted: bool, source: Path
+) -> None:
+    """Refuse a checkpoint whose config names a class to build, unless the user trusts it.
+
+    A checkpoint is data, but a `_target_` in its config is code: Hydra imports the module it
+    names and calls the class, so a shared file could run any importable callable as soon as
+    `mamlrun eval` or `mamlrun train resume=` builds its model. A class named on the command line
+    is the user's own choice (a new run with `model._target_=...` needs nothing more); one named
+    by a file is not. So without `trust_model_target=true` on the command line, a checkpoint may
+    name only the optimizers of `torch.optim` (`algorithm.meta_optimizer`, checked without
+    importing anything); any other `_target_` is refused before anything is imported or built.
+    The flag is read from the command line only, never from the checkpoint's own config.
+
+    Raises:
+        UserError: naming the file, the key and the class, and the key that allows it.
+    """
+    if trusted:
+        return
+    for where, target in _targets(checkpoint_config, ""):
+        if where == "algorithm.meta_optimizer" and _is_torch_optimizer(target):
+            continue
+        raise UserError(
+            f"{source}: its config builds {where}._target_={target!r}, a class named by the "
+            "checkpoint file; add trust_model_target=true to build it (only for a checkpoint "
+            "you trust)"
+        )
+
+
+def _targets(node: Any, where: str) -> list[tuple[str, Any]]:
+    """(dotted key, value) of every `_target_` in a plain config."""
+    found = []
+    if isinstance(node, dict):
+        if "_target_" in node:
+            found.append((where, node["_target_"]))
+        for key, value in node.items():
+            found += _targets(value, f"{where}.{key}" if where else str(key))
+    elif isinstance(node, list):
+        for index, value in enumerate(node):
+            found += _targets(value, f"{where}.{index}")
+    return found
+
+
+def _is_torch_optimizer(target: Any) -> bool:
+    """`torch.optim.<Name>` naming an optimizer class (looked up, not imported)."""
+    prefix = "torch.optim."
+    if not isinstance(target, str) or not target.startswith(prefix):
+        return False
+    found = getattr(torch.optim, target[len(prefix) :], None)
+    return isinstance(found, type) and issubclass(found, torch.optim.Optimizer)
+
+
 def engine_for(model: nn.Module, algorithm: Algorithm, dataset: Any, hardware: Hardware) -> Engine:
     """The engine chosen by `algorithm.engine`; both compute the same MAML updates."""
     if algorithm.name == "pretrain":  # trains differently, adapts at test exactly as MAML

@@ -31,7 +31,14 @@ from mamlrun.config.validate import validate
 from mamlrun.errors import UserError
 from mamlrun.maml.engine import Engine
 from mamlrun.run import jsonio, rundir
-from mamlrun.run.build import engine_for, eval_shots, model_for, setting_label, task_sampler
+from mamlrun.run.build import (
+    engine_for,
+    eval_shots,
+    model_for,
+    refuse_untrusted_targets,
+    setting_label,
+    task_sampler,
+)
 from mamlrun.run.rundir import load, resolve
 from mamlrun.run.runtime import seed_everything, select_device
 from mamlrun.run.tracking import Tracker, make_tracker
@@ -238,6 +245,7 @@ def run_eval(cfg: DictConfig) -> dict[str, float]:
     settings = validate(cfg, primary="eval")
     checkpoint_path = resolve(settings.checkpoint)
     payload = load(checkpoint_path)
+    refuse_untrusted_targets(payload["config"], settings.trust_model_target, checkpoint_path)
     trained = validate(OmegaConf.create(payload["config"]), primary="train")
     # The model's config comes from the checkpoint; how to run and score it, from this command.
     config = dataclasses.replace(

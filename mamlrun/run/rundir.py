@@ -5,20 +5,30 @@ files; all of them name the files through this module. Checkpoints hold the weig
 every RNG state, iteration and resolved config.
 
 A checkpoint holds everything needed to continue a run bit-for-bit on the CPU (`resume=`) or to
-evaluate it without the original config files (`mamlrun eval checkpoint=`). Files are written to a
-temporary name and renamed, so a run killed mid-save never leaves a truncated `last.pt`.
+evaluate it without the original config files (`mamlrun eval checkpoint=`). A checkpoint is data,
+never code: tensors, numbers, strings and containers of them, read with
+`torch.load(weights_only=True)`, so a shared checkpoint cannot run code when it is loaded. Files are
+written to a temporary name, fsynced and renamed, so a failed or killed save never leaves a
+truncated `last.pt`. One `mamlrun train` at a time holds a run directory (`hold`).
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
+import io
 import os
+import pickle
 import random
+import re
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
+from mamlrun.data.atomic import write_atomically
 from mamlrun.errors import UserError
 
 # Files of a run directory (Hydra writes .hydra/, wandb writes wandb/ when logger=wandb).
@@ -31,6 +41,7 @@ CONFIG, OVERRIDES = "config.yaml", "overrides.yaml"  # in .hydra/: the composed 
 LEARNING_CURVES = "learning_curves.png"
 ADAPTATION = "adaptation.png"
 SINUSOID_FITS = "sinusoid_fits.png"
+LOCK = ".mamlrun.lock"  # held (flock) by the `mamlrun train` writing the run; holds its pid
 
 
 def checkpoint_path(run_dir: Path, name: str = LAST) -> Path:
@@ -47,9 +58,10 @@ def is_run_dir(path: Path) -> bool:
 
 
 def rng_state() -> dict[str, Any]:
+    """Every global RNG state, as data only (`torch.load(weights_only=True)` reads it back)."""
     state = {
         "python": random.getstate(),
-        "numpy": np.random.get_state(),
+        "numpy": _numpy_state_as_data(np.random.get_state()),
         "torch": torch.get_rng_state(),
     }
     if torch.cuda.is_available() and torch.cuda.is_initialized():
@@ -59,18 +71,59 @@ def rng_state() -> dict[str, Any]:
 
 def set_rng_state(state: dict[str, Any]) -> None:
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    name, keys, *rest = state["numpy"]
+    np.random.set_state((name, np.asarray(keys, dtype=np.uint32), *rest))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def _numpy_state_as_data(state: tuple) -> tuple:
+    """NumPy's legacy RNG state with its uint32 key array as an int64 tensor (exact)."""
+    name, keys, *rest = state
+    return (name, torch.from_numpy(np.asarray(keys).astype(np.int64)), *rest)
+
+
+DATA_TYPES = (torch.Tensor, str, int, float, bool, type(None))
+
+
+def check_data(value: Any, where: str = "checkpoint") -> None:
+    """Raise TypeError naming the first part of `value` that is not data: only tensors, numbers,
+    strings, None and dicts, lists and tuples of them load with `weights_only=True`."""
+    if isinstance(value, dict):
+        for key, item in value.items():
+            if not isinstance(key, str | int):
+                raise TypeError(f"{where}: key {key!r} is a {type(key).__name__}")
+            check_data(item, f"{where}[{key!r}]")
+    elif isinstance(value, list | tuple):
+        for index, item in enumerate(value):
+            check_data(item, f"{where}[{index}]")
+    elif type(value) not in DATA_TYPES and not isinstance(value, torch.Tensor):
+        raise TypeError(f"{where} is a {type(value).__module__}.{type(value).__qualname__}")
+
+
 def save(path: Path, payload: dict[str, Any]) -> None:
-    """Atomically write `payload` (`Trainer._checkpoint` lists its keys) to `path`."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    torch.save(payload, tmp)
-    os.replace(tmp, path)
+    """Write `payload` (`Trainer._checkpoint` lists its keys) to `path`, all or nothing.
+
+    The payload must be data only (`check_data`): a checkpoint is loaded with
+    `torch.load(weights_only=True)`, never unpickled. It is serialized in memory, then written by
+    `write_atomically`: the previous file stays whole until the new one is on disk.
+
+    Raises:
+        UserError: the file cannot be written (a full disk, a file-size limit), naming the path
+            and the fix; the previous checkpoint is intact and no temporary file is left.
+    """
+    check_data(payload)
+    buffer = io.BytesIO()
+    torch.save(payload, buffer)
+    try:
+        write_atomically(path, lambda file: file.write(buffer.getbuffer()))
+    except OSError as err:
+        raise UserError(
+            f"{path}: cannot write the checkpoint ({err.strerror or err}); free disk space or "
+            f"raise the file-size limit (ulimit -f), then continue with: mamlrun train "
+            f"resume={run_dir_of(path)} (the previous checkpoint is kept)"
+        ) from None
 
 
 def resolve(path_or_run_dir: str | Path, prefer: str = BEST) -> Path:
@@ -95,9 +148,21 @@ def resolve(path_or_run_dir: str | Path, prefer: str = BEST) -> Path:
     return path
 
 
+class UnsafeCheckpoint(UserError):
+    """A file refused because loading it would need more than data (code, pickled objects)."""
+
+
 def load(path: Path) -> dict[str, Any]:
+    """A checkpoint read as data only: `torch.load(weights_only=True)`, never unpickled.
+
+    Raises:
+        UserError: the file needs anything but tensors and plain data to load (naming what, and
+            for an older mamlrun checkpoint, the command that converts it), or is no checkpoint.
+    """
     try:
-        payload = torch.load(path, map_location="cpu", weights_only=False)
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        raise UnsafeCheckpoint(_refusal(path, err)) from None
     except Exception as err:  # noqa: BLE001 - torch raises many types for a bad file
         raise UserError(
             f"{path}: not a readable mamlrun checkpoint ({type(err).__name__})"
@@ -105,6 +170,82 @@ def load(path: Path) -> dict[str, Any]:
     if not isinstance(payload, dict) or "model" not in payload or "config" not in payload:
         raise UserError(f"{path}: not a mamlrun checkpoint (no model weights and config inside)")
     return payload
+
+
+def _refusal(path: Path, err: Exception) -> str:
+    """Why a file that is not data only is refused, naming what it would import (read from the
+    pickle without running it)."""
+    try:
+        names = torch.serialization.get_unsafe_globals_in_checkpoint(path)
+    except Exception:  # noqa: BLE001 - not a zip checkpoint: take the names from the error
+        names = re.findall(r"GLOBAL ([\w.]+)", str(err))
+    if names and all(name.startswith("numpy.") for name in names):
+        return (
+            f"{path}: written by an older mamlrun (NumPy's RNG state pickled), refused as it would "
+            f"have to be unpickled; if you trust this file, convert it once with: mamlrun "
+            f"checkpoint convert {path}"
+        )
+    shown = ", ".join(names[:3]) or "objects that are not data"
+    return (
+        f"{path}: refused: loading it would import {shown}, which can run code; a mamlrun "
+        "checkpoint holds only tensors and plain data, so do not use this file unless you "
+        "know where it comes from"
+    )
+
+
+def convert_legacy(source: Path, out: Path) -> dict[str, Any]:
+    """Rewrite an older checkpoint (NumPy's RNG state pickled) as data only, atomically.
+
+    It UNPICKLES `source` (`torch.load(weights_only=False)`), which runs whatever code the file
+    names: call it only on files you trust. Returns the converted payload.
+
+    Raises:
+        UserError: `source` is no mamlrun checkpoint, or holds something that is not data.
+    """
+    try:
+        payload = torch.load(source, map_location="cpu", weights_only=False)
+    except Exception as err:  # noqa: BLE001 - torch raises many types for a bad file
+        raise UserError(f"{source}: not a readable checkpoint ({type(err).__name__})") from None
+    if not isinstance(payload, dict) or "model" not in payload or "config" not in payload:
+        raise UserError(f"{source}: not a mamlrun checkpoint (no model weights and config inside)")
+    numpy_state = payload.get("rng", {}).get("numpy")
+    if numpy_state is not None and isinstance(numpy_state[1], np.ndarray):
+        payload["rng"]["numpy"] = _numpy_state_as_data(numpy_state)
+    try:
+        check_data(payload)
+    except TypeError as err:
+        raise UserError(f"{source}: cannot convert: {err}, not data") from None
+    save(out, payload)
+    return payload
+
+
+@contextlib.contextmanager
+def hold(run_dir: Path) -> Iterator[None]:
+    """Hold `run_dir` for one `mamlrun train` while the block runs.
+
+    An exclusive `flock` on `run_dir/.mamlrun.lock`: the kernel releases it when its process
+    ends, however it ends, so a lock left by a killed run is simply taken over and never goes
+    stale. The file holds the holder's pid, only to name it in the message.
+
+    Raises:
+        UserError: another process holds the directory, naming the directory and its pid.
+    """
+    run_dir.mkdir(parents=True, exist_ok=True)
+    fd = os.open(run_dir / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+            raise UserError(
+                f"{run_dir}: another mamlrun train (pid {holder}) is writing this run directory; "
+                "wait for it to finish or stop it, then run again"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        yield
+    finally:
+        os.close(fd)  # closing the last descriptor releases the lock
 
 
 def run_dir_of(checkpoint: Path) -> Path:

@@ -17,23 +17,45 @@ from mamlrun.config.compose import parse_overrides, to_container
 from mamlrun.config.validate import validate
 from mamlrun.errors import ConfigError
 from mamlrun.run import rundir
+from mamlrun.run.build import refuse_untrusted_targets
 from mamlrun.run.trainer import Trainer
 
 # Keys a resumed run takes from the command line; everything else comes from the checkpoint.
-RESUMABLE_SECTIONS = ("train", "eval", "hardware", "logger", "print_config", "resume", "task_name")
+RESUMABLE_SECTIONS = (
+    "train",
+    "eval",
+    "hardware",
+    "logger",
+    "print_config",
+    "resume",
+    "task_name",
+    "trust_model_target",
+)
 
 
 def run_train(cfg: DictConfig) -> float:
-    """Train as configured; returns the best validation metric (for Hydra sweepers)."""
+    """Train as configured; returns the best validation metric (for Hydra sweepers).
+
+    The run directory is held (`rundir.hold`) from before the checkpoint is read until the run
+    ends: a second `mamlrun train` into it is refused instead of interleaving its writes.
+    """
     config = validate(cfg)
     run_dir = Path(HydraConfig.get().runtime.output_dir)
-    payload = None
+    resume_from = None
     if config.resume:
         resume_from = rundir.resolve(config.resume, prefer=rundir.LAST)
+        run_dir = rundir.run_dir_of(resume_from)
+    with rundir.hold(run_dir):
+        return _train(cfg, config, run_dir, resume_from)
+
+
+def _train(cfg: DictConfig, config, run_dir: Path, resume_from: Path | None) -> float:
+    payload = None
+    if resume_from is not None:
         payload = rundir.load(resume_from)
+        refuse_untrusted_targets(payload["config"], config.trust_model_target, resume_from)
         cfg = _resumed_config(cfg, payload["config"])
         config = validate(cfg)
-        run_dir = rundir.run_dir_of(resume_from)
     record = to_container(cfg)
     record.pop("hydra", None)
     trainer = Trainer(config, run_dir, record, payload)
@@ -76,4 +98,6 @@ def _resumed_config(cfg: DictConfig, checkpoint_config: dict[str, Any]) -> DictC
             )
         OmegaConf.update(merged, override.key, OmegaConf.select(cfg, override.key), merge=False)
     merged["resume"] = cfg["resume"]
+    # trusted by this command line, never by the file itself
+    merged["trust_model_target"] = cfg.get("trust_model_target", False)
     return merged

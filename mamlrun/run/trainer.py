@@ -169,6 +169,9 @@ class Trainer:
             self._checkpoint(rundir.BEST, iteration)
 
     def _checkpoint(self, name: str, iteration: int) -> None:
+        """Write checkpoints/<name>. Every value is data (tensors, numbers, strings, None and
+        containers of them; the samplers' and NumPy's RNG states included) so that it loads with
+        `torch.load(weights_only=True)`: `rundir.save` checks it and writes atomically."""
         rundir.save(
             rundir.checkpoint_path(self.run_dir, name),
             {
