@@ -63,7 +63,7 @@ def _start(args: list[str], cwd: Path) -> subprocess.Popen:
 
 def _results(run_dir: Path) -> tuple[dict, list, dict]:
     """Final weights, metrics.jsonl rows and eval.json (without its timing and path)."""
-    weights = torch.load(run_dir / "checkpoints/last.pt", weights_only=False)["model"]
+    weights = torch.load(run_dir / "checkpoints/last.pt", weights_only=True)["model"]
     evaluation = json.loads((run_dir / "eval.json").read_text())
     for key in ("seconds", "checkpoint"):
         evaluation.pop(key)
