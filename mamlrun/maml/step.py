@@ -26,8 +26,9 @@ iteration's statistics, Adam state and update in float64), with three consequenc
   ...) get it switched on, SGD needs none, others are refused with a clear message.
 
 Every step also returns `nonfinite`, a 0-dim statistic that is 1 where the meta-loss or the
-meta-gradient (before clipping) holds a NaN or inf, checked on the device before the update; see
-`MetaStep` for how such a step is kept out of the parameters and the optimizer state.
+meta-gradient (before clipping) holds a NaN or inf, or the update would leave the parameters or
+the optimizer's state non-finite, checked on the device; see `MetaStep` for how such a step is
+kept out of the parameters and the optimizer state.
 """
 
 from __future__ import annotations
@@ -112,8 +113,8 @@ class MetaStep:
     the flag after the step and, if it is set, restores the parameters and the optimizer's state
     dict: on a GPU that waits for the step, so it is done only with `skip_nonfinite`; without it
     the step is applied and the caller, which reads `nonfinite` before it writes anything, stops
-    the run. The captured path keeps warming up eagerly until
-    the optimizer has state, so the capture always holds the masked update.
+    the run. The captured path keeps warming up eagerly until the optimizer has state, so the
+    capture always holds the masked update.
 
     Example:
         >>> step = MetaStep(engine, optimizer, grad_clip=None)
