@@ -184,6 +184,9 @@ class MetaStep:
         """`optimizer.step()` unless `finite` is false or the step would leave a parameter or
         the optimizer's state non-finite (a finite gradient whose square overflows Adam's second
         moment); then nothing changes (see the class). Returns whether the step was applied."""
+        if not self.skip_nonfinite:  # `stop`: the caller reads the flag before it writes anything
+            self.optimizer.step()
+            return finite & all_finite(self._update_state() or [], finite.device)
         tensors = self._update_state()
         if tensors is not None and all(t.device == finite.device for t in tensors):
             saved = [t.detach().clone() for t in tensors]
@@ -191,9 +194,6 @@ class MetaStep:
             finite = finite & all_finite(tensors, finite.device)
             masked_restore(tensors, saved, finite)
             return finite
-        if not self.skip_nonfinite and finite.device.type != "cpu":
-            self.optimizer.step()  # no wait for the GPU: the caller stops before any write
-            return finite & all_finite(self._update_state() or [], finite.device)
         params = [p for group in self.optimizer.param_groups for p in group["params"]]
         saved, saved_state = (
             [p.detach().clone() for p in params],
