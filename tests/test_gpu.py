@@ -190,3 +190,28 @@ def test_a_cuda_device_the_machine_lacks_is_refused_in_one_line(tmp_path):
     result = run_mamlrun(*args, cwd=tmp_path, expect_ok=False)
     assert result.returncode == 2, result.stderr
     assert f"hardware.device=cuda:{count}: this machine has {count} CUDA" in result.stderr
+
+
+def test_cuda_graph_skips_a_nonfinite_step_without_reading_it():
+    """The captured step's masked update: a NaN meta-batch replayed through the graph leaves the
+    parameters and Adam's state as they were (nonfinite = 1), and the next replay trains on."""
+    from mamlrun.maml.vmap_engine import VmapEngine
+
+    images = torch.randint(0, 256, (40, 20, 28, 28), dtype=torch.uint8)
+    sampler = TensorClassificationTasks(images, range(40), 5, 1, 1, rotations=True, device="cuda")
+    torch.manual_seed(0)
+    model = conv4((1, 28, 28), 5).to("cuda")
+    engine = VmapEngine(model, 0.4, task_type="classification")
+    step = MetaStep(engine, torch.optim.Adam(model.parameters(), lr=1e-3), cuda_graph=True)
+    for _ in range(5):  # warm-up, capture, a replay
+        assert float(step(sampler.sample(4), 1, False)["nonfinite"]) == 0
+    assert step._graph is not None
+    batch = sampler.sample(4)
+    nan = torch.full(batch.support_x.shape, float("nan"), device="cuda")
+    poisoned = TaskBatch(nan, *batch.tensors()[1:])
+    before = copy.deepcopy((model.state_dict(), step.optimizer.state_dict()["state"]))
+    assert float(step(poisoned, 1, False)["nonfinite"]) == 1
+    after = (model.state_dict(), step.optimizer.state_dict()["state"])
+    torch.testing.assert_close(after, before, rtol=0, atol=0)
+    assert float(step(batch, 1, False)["nonfinite"]) == 0
+    assert all(torch.isfinite(p).all() for p in model.parameters())

@@ -58,7 +58,8 @@ def test_metrics_are_logged_on_schedule(run_dir):
     val = [r for r in rows if r["split"] == "val"]
     assert [r["iteration"] for r in train] == list(range(50, ITERATIONS + 1, 50))
     assert [r["iteration"] for r in val] == list(range(100, ITERATIONS + 1, 100))
-    assert set(train[0]) == {"iteration", "split", "loss_pre", "loss_post"}
+    assert set(train[0]) == {"iteration", "split", "loss_pre", "loss_post", "skipped_steps"}
+    assert {r["skipped_steps"] for r in train} == {0}
     assert {f"mse_step{s}" for s in range(11)} <= set(val[0])
 
 

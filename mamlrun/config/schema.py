@@ -141,6 +141,7 @@ class TrainLoop:
     val_tasks: int = 100
     checkpoint_every: int = 1000
     eval_at_end: bool = True
+    on_nonfinite: str = "stop"
 
 
 @dataclass

@@ -255,6 +255,11 @@ def _check_train_loop(train: TrainLoop) -> None:
     for key in ("log_every", "val_every", "val_tasks", "checkpoint_every"):
         value = getattr(train, key)
         _check(value >= 1, f"train.{key}", f"must be >= 1, got {value}")
+    _check(
+        train.on_nonfinite in ("stop", "skip"),
+        "train.on_nonfinite",
+        f"choose stop or skip, got {train.on_nonfinite!r}",
+    )
 
 
 def _check_eval(evaluation: EvalSettings) -> None:

@@ -24,12 +24,18 @@ iteration's statistics, Adam state and update in float64), with three consequenc
   capture; they are ordinary training iterations on their own meta-batches, not extra ones;
 - the outer optimizer must be capturable: optimizers with a `capturable` option (Adam, AdamW,
   ...) get it switched on, SGD needs none, others are refused with a clear message.
+
+Every step also returns `nonfinite`, a 0-dim statistic that is 1 where the meta-loss or the
+meta-gradient (before clipping) holds a NaN or inf, or the update would leave the parameters or
+the optimizer's state non-finite, checked on the device; see `MetaStep` for how such a step is
+kept out of the parameters and the optimizer state.
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterable
+import copy
+from collections.abc import Iterable, Sequence
 
 import torch
 
@@ -91,6 +97,24 @@ class MetaStep:
         bf16: run the step's forward passes under bf16 autocast (`hardware.precision=bf16`):
             matmuls and convolutions in bfloat16, losses and batch norm in float32, parameters,
             gradients and the optimizer in float32.
+        skip_nonfinite: also keep a non-finite step out of the update where that needs the host
+            to read the flag (`train.on_nonfinite=skip`); see below.
+
+    A step whose meta-loss or meta-gradient is not finite, or whose update would leave a
+    parameter or the optimizer's state non-finite (a finite meta-gradient whose square overflows
+    Adam's second moment), has `nonfinite` = 1 and is not applied: parameters and optimizer
+    state (Adam's moments and step count included) stay as they were.
+    Where the optimizer's state lives on the parameters' device (a CPU run; a captured step,
+    whose optimizer is capturable) this is a branch-free masked update: the parameters and state
+    are copied before `optimizer.step()` and put back with `torch.where(finite, new, old)`, which
+    a CUDA graph replays without the host reading the flag, and which for a finite step returns
+    exactly the new values (bit-identical runs). Elsewhere (an eager step on a GPU whose Adam keeps
+    its step count on the host; the first step, before the optimizer has state) the host reads
+    the flag after the step and, if it is set, restores the parameters and the optimizer's state
+    dict: on a GPU that waits for the step, so it is done only with `skip_nonfinite`; without it
+    the step is applied and the caller, which reads `nonfinite` before it writes anything, stops
+    the run. The captured path keeps warming up eagerly until the optimizer has state, so the
+    capture always holds the masked update.
 
     Example:
         >>> step = MetaStep(engine, optimizer, grad_clip=None)
@@ -105,8 +129,10 @@ class MetaStep:
         grad_clip: float | None = None,
         cuda_graph: bool = False,
         bf16: bool = False,
+        skip_nonfinite: bool = False,
     ) -> None:
         self.engine = engine
+        self.skip_nonfinite = skip_nonfinite
         self.optimizer = optimizer
         self.grad_clip = grad_clip
         self.cuda_graph = cuda_graph
@@ -141,10 +167,58 @@ class MetaStep:
         self.optimizer.zero_grad(set_to_none=True)
         with self._autocast():
             stats = self.engine.meta_gradient(batch, inner_steps, measure_before=measure_before)
+        finite = self._finite(stats["loss_post"])
         if self.grad_clip is not None:
             torch.nn.utils.clip_grad_value_(self._parameters(), self.grad_clip)
+        finite = self._update(finite)
+        return {**stats, "nonfinite": (~finite).to(torch.float32)}
+
+    def _finite(self, loss: torch.Tensor | float) -> torch.Tensor:
+        """A 0-dim bool on the device: the meta-loss and every meta-gradient element are finite."""
+        device = next(iter(self._parameters())).device
+        loss = torch.as_tensor(loss, dtype=torch.float32, device=device).reshape(())
+        grads = [p.grad for p in self._parameters() if p.grad is not None]
+        return all_finite([loss, *grads], device)
+
+    def _update(self, finite: torch.Tensor) -> torch.Tensor:
+        """`optimizer.step()` unless `finite` is false or the step would leave a parameter or
+        the optimizer's state non-finite (a finite gradient whose square overflows Adam's second
+        moment); then nothing changes (see the class). Returns whether the step was applied."""
+        if not self.skip_nonfinite:  # `stop`: the caller reads the flag before it writes anything
+            self.optimizer.step()
+            return finite & all_finite(self._update_state() or [], finite.device)
+        tensors = self._update_state()
+        if tensors is not None and all(t.device == finite.device for t in tensors):
+            saved = [t.detach().clone() for t in tensors]
+            self.optimizer.step()
+            finite = finite & all_finite(tensors, finite.device)
+            masked_restore(tensors, saved, finite)
+            return finite
+        params = [p for group in self.optimizer.param_groups for p in group["params"]]
+        saved, saved_state = (
+            [p.detach().clone() for p in params],
+            copy.deepcopy(self.optimizer.state_dict()),
+        )
         self.optimizer.step()
-        return stats
+        finite = finite & all_finite(self._update_state() or [], finite.device)
+        if not bool(finite):  # the host reads the flag: free on a CPU, a wait on a GPU
+            masked_restore(params, saved, finite)
+            self.optimizer.load_state_dict(saved_state)
+        return finite
+
+    def _update_state(self) -> list[torch.Tensor] | None:
+        """The parameters and the optimizer's state tensors an update changes; None before
+        the optimizer's first step (its state does not exist yet)."""
+        params = [p for group in self.optimizer.param_groups for p in group["params"]]
+        if self._needs_state() and not all(self.optimizer.state.get(p) for p in params):
+            return None
+        state = [v for p in params for v in self.optimizer.state.get(p, {}).values()]
+        return params + [v for v in state if isinstance(v, torch.Tensor)]
+
+    def _needs_state(self) -> bool:
+        """Whether the optimizer keeps per-parameter state (all but plain SGD do)."""
+        group = self.optimizer.param_groups[0]
+        return type(self.optimizer) is not torch.optim.SGD or group.get("momentum", 0) != 0
 
     def __call__(self, batch: TaskBatch, inner_steps: int, measure_before: bool) -> StepStats:
         """One meta-training iteration on `batch`; returns its statistics without waiting."""
@@ -160,7 +234,7 @@ class MetaStep:
         inputs = TaskBatch(*self._inputs)
         if self._stream is None:
             self._stream = torch.cuda.Stream()
-        if self._eager_steps < WARMUP_STEPS:
+        if self._eager_steps < WARMUP_STEPS or self._update_state() is None:
             self._eager_steps += 1
             self._stream.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(self._stream):
@@ -177,6 +251,27 @@ class MetaStep:
         # the graph overwrites its outputs on the next replay: keep a copy (one small kernel)
         values = torch.stack(list(self._outputs.values()))
         return dict(zip(self._outputs, values.unbind(), strict=True))
+
+
+def all_finite(tensors: Sequence[torch.Tensor], device: torch.device) -> torch.Tensor:
+    """A 0-dim bool on `device`: every element of the floating-point `tensors` there is finite
+    (the largest absolute value of each, one fused kernel, their max (a sum could overflow) and
+    one isfinite; no host wait)."""
+    floats = [t for t in tensors if t.is_floating_point() and t.device == device]
+    if not floats:
+        return torch.ones((), dtype=torch.bool, device=device)
+    norms = torch._foreach_norm(floats, float("inf"))
+    return torch.isfinite(torch.stack([n.float() for n in norms]).amax())
+
+
+def masked_restore(
+    tensors: Sequence[torch.Tensor], saved: Sequence[torch.Tensor], keep_new: torch.Tensor
+) -> None:
+    """Put `saved` back into `tensors` unless `keep_new` (a 0-dim bool on their device), without
+    the host reading it: what a CUDA graph can replay."""
+    with torch.no_grad():
+        for tensor, old in zip(tensors, saved, strict=True):
+            tensor.copy_(torch.where(keep_new, tensor, old))
 
 
 def read_stats(window: list[StepStats]) -> list[dict[str, float]]:

@@ -7,10 +7,17 @@ tasks every `train.val_every`, `checkpoints/last.pt` every `train.checkpoint_eve
 `checkpoints/best.pt` whenever validation improves. A checkpoint carries every RNG state and the
 sampler state, so `resume=` continues exactly where the run stopped (identical parameters and
 metrics on the CPU).
+
+A step with a non-finite meta-loss or meta-gradient is never applied (`MetaStep`); with
+`train.on_nonfinite=stop` the run ends with a `UserError` naming that iteration and the last good
+checkpoint, with `skip` it goes on and each logged train row counts the window's `skipped_steps`.
+The flag is read every iteration on a CPU (free there), else before each log, validation and
+checkpoint, so nothing non-finite is ever written.
 """
 
 from __future__ import annotations
 
+import math
 import statistics
 import time
 from pathlib import Path
@@ -21,6 +28,7 @@ import torch
 from mamlrun import console
 from mamlrun.config.schema import RunConfig
 from mamlrun.config.validate import captures_cuda_graph
+from mamlrun.errors import UserError
 from mamlrun.maml.batch import TaskBatch
 from mamlrun.maml.engine import Engine
 from mamlrun.maml.step import MetaStep, read_stats
@@ -66,6 +74,8 @@ class Trainer:
             console.print_config_tree(record, title=f"mamlrun train → {run_dir}")
         self._build()
         self.start, self.best, self.window = 0, None, []
+        self.skipped = 0  # steps skipped as non-finite, up to the last logged iteration
+        self.last_good: tuple[Path, int] | None = None  # the last last.pt written, its iteration
         if payload is not None:
             self._restore(payload)
         algorithm, hardware = config.algorithm, config.hardware
@@ -76,6 +86,7 @@ class Trainer:
             algorithm.grad_clip,
             cuda_graph=captures_cuda_graph(hardware, algorithm),
             bf16=hardware.precision == "bf16",
+            skip_nonfinite=config.train.on_nonfinite == "skip",
         )
         self.metrics = MetricsFile(run_dir, keep_until=self.start if payload else None)
         resume_id = (payload or {}).get("wandb_id")
@@ -107,6 +118,8 @@ class Trainer:
             payload["best"],
             payload["window"],
         )
+        self.skipped = payload.get("skipped_steps", 0)
+        self.last_good = (rundir.checkpoint_path(self.run_dir, rundir.LAST), self.start)
         console.info(f"resuming {self.run_dir} from iteration {self.start}")
 
     @property
@@ -116,6 +129,7 @@ class Trainer:
     def fit(self) -> None:
         """Train from the start iteration to `train.iterations`, with a progress bar."""
         loop, started = self.config.train, time.perf_counter()
+        stops, every_step = loop.on_nonfinite == "stop", self.device.type == "cpu"
         bar = console.progress()
         with bar:
             task = bar.add_task(
@@ -124,12 +138,17 @@ class Trainer:
             for iteration in range(self.start + 1, loop.iterations + 1):
                 last = iteration == loop.iterations
                 logged = iteration % loop.log_every == 0 or last
+                validated = iteration % loop.val_every == 0 or last
+                saved = iteration % loop.checkpoint_every == 0 or last
                 self._step(logged)
+                if stops and (every_step or logged or validated or saved):
+                    # before anything is written; on a CPU only the new step is unread
+                    self._stop_if_nonfinite(iteration, self.window[-1:] if every_step else None)
                 if logged:
                     self._log(iteration, started, bar, task)
-                if iteration % loop.val_every == 0 or last:
+                if validated:
                     self._validate(iteration)
-                if iteration % loop.checkpoint_every == 0 or last:
+                if saved:
                     self._checkpoint(rundir.LAST, iteration)
                 bar.update(task, completed=iteration)
         self.seconds = time.perf_counter() - started
@@ -142,10 +161,35 @@ class Trainer:
         batch = self.train_tasks.sample(algorithm.meta_batch_size).to(self.device)
         self.window.append(self.meta_step(batch, algorithm.inner_steps, measure_before=logged))
 
+    def _stop_if_nonfinite(self, iteration: int, window: list | None = None) -> None:
+        """Raise if a step of `window` (the logging window so far, which ends at `iteration`)
+        was not finite; reading the flags waits for those steps.
+
+        Raises:
+            UserError: `train.on_nonfinite=stop` and a non-finite step.
+        """
+        window = self.window if window is None else window
+        flags = [float(stats.get("nonfinite", 0.0)) for stats in window]
+        if not any(flags):
+            return
+        first = iteration - len(window) + 1 + next(i for i, flag in enumerate(flags) if flag)
+        good = "no checkpoint was written before it"
+        if self.last_good is not None:
+            path, good_iteration = self.last_good
+            good = f"the last good checkpoint is {path} (iteration {good_iteration})"
+        raise UserError(
+            f"train.on_nonfinite=stop: non-finite meta-loss or meta-gradient at iteration {first}; "
+            f"{good}; lower algorithm.inner_lr / meta_lr, set algorithm.grad_clip, or "
+            "train.on_nonfinite=skip"
+        )
+
     def _log(self, iteration: int, started: float, bar, task) -> None:
-        """The logging window's mean statistics: to metrics.jsonl, the tracker and the bar."""
-        means = _window_means(read_stats(self.window), self.metric)
-        self.window = []
+        """The logging window's mean statistics and its count of skipped (non-finite) steps: to
+        metrics.jsonl, the tracker and the bar."""
+        window = read_stats(self.window)
+        skipped = sum(int(stats.pop("nonfinite", 0.0)) for stats in window)
+        means = {**_window_means(window, self.metric), "skipped_steps": skipped}
+        self.window, self.skipped = [], self.skipped + skipped
         if self.device.type == "cuda":
             means["gpu_peak_mib"] = torch.cuda.max_memory_allocated(self.device) / 2**20
         row = self.metrics.write(iteration, "train", means)
@@ -172,8 +216,9 @@ class Trainer:
         """Write checkpoints/<name>. Every value is data (tensors, numbers, strings, None and
         containers of them; the samplers' and NumPy's RNG states included) so that it loads with
         `torch.load(weights_only=True)`: `rundir.save` checks it and writes atomically."""
+        path = rundir.checkpoint_path(self.run_dir, name)
         rundir.save(
-            rundir.checkpoint_path(self.run_dir, name),
+            path,
             {
                 "model": self.model.state_dict(),
                 "optimizer": self.optimizer.state_dict(),
@@ -185,8 +230,11 @@ class Trainer:
                 "config": self.record,
                 "metric": self.metric,
                 "wandb_id": self.tracker.run_id,
+                "skipped_steps": self.skipped,
             },
         )
+        if name == rundir.LAST:
+            self.last_good = (path, iteration)
 
     def summarize(self) -> None:
         """The learning-curve plot and the training summary table."""
@@ -211,6 +259,8 @@ class Trainer:
         if train_rows:
             losses = f"{train_rows[-1]['loss_pre']:.4f} → {train_rows[-1]['loss_post']:.4f}"
             summary.append(["final train loss", losses])
+        if loop.on_nonfinite == "skip":
+            summary.append(["skipped steps (non-finite)", f"{self.skipped:,}"])
         console.print_table(f"Training summary: {self.run_dir}", ["", "value"], summary)
 
     def evaluate(self) -> None:
@@ -234,11 +284,17 @@ class Trainer:
 
 
 def _window_means(window: list[dict[str, float]], metric: str) -> dict[str, float]:
-    """Mean of each statistic over a logging window, named with the task type's metric."""
-    means = {key: statistics.fmean(s[key] for s in window if key in s) for key in window[-1]}
+    """Mean of each statistic over a logging window, named with the task type's metric; the
+    mean of its finite values (skipped steps' values are not; NaN where none is finite)."""
+    means = {key: _finite_mean(s[key] for s in window if key in s) for key in window[-1]}
     if metric == "mse":  # the metric is the loss: do not log it twice
         means = {k: v for k, v in means.items() if not k.startswith("metric")}
     return {k.replace("metric", metric): v for k, v in means.items()}
+
+
+def _finite_mean(values) -> float:
+    finite = [value for value in values if math.isfinite(value)]
+    return statistics.fmean(finite) if finite else math.nan
 
 
 def validation_metrics(engine: Engine, val_batch: TaskBatch, steps: int) -> dict[str, float]:
