@@ -233,3 +233,43 @@ def test_an_output_directory_that_cannot_be_made_is_one_line(tmp_path):
     )
     line = _refused(result, blocker / "run")
     print(f"hostile output directory (a file in the path): refused, {line}")
+
+
+def test_a_damaged_cache_is_rebuilt_with_a_notice(tmp_path, monkeypatch):
+    monkeypatch.setenv("MAMLRUN_CACHE", str(tmp_path / "cache"))
+    folder = _mini_folder(tmp_path / "folder")
+    run_mamlrun("data", "verify", "dataset=miniimagenet", f"dataset.root={folder}", cwd=tmp_path)
+    caches = sorted((tmp_path / "cache").glob("miniimagenet-*.pt"))
+    assert len(caches) == 3
+    whole = caches[0].read_bytes()
+    caches[0].write_bytes(whole[: len(whole) // 2])  # a truncated cache file
+    result = run_mamlrun(
+        "data", "verify", "dataset=miniimagenet", f"dataset.root={folder}", cwd=tmp_path
+    )
+    notices = [line for line in result.stderr.splitlines() if "damaged" in line]
+    assert len(notices) == 1 and str(caches[0]) in notices[0] and "rebuilding" in notices[0]
+    assert torch.load(caches[0], weights_only=True)["images"].shape[:2] == (5, 3)
+    _no_partial_files(tmp_path)
+    print(f"hostile cache (truncated): rebuilt, {notices[0]}")
+
+
+def test_a_checkpoint_whose_weights_are_another_models_is_one_line(tmp_path):
+    run_dir = tmp_path / "run"
+    run_mamlrun(
+        "train",
+        *QUICK,
+        "train.iterations=5",
+        "train.eval_at_end=false",
+        f"hydra.run.dir={run_dir}",
+        cwd=tmp_path,
+    )
+    payload = torch.load(run_dir / "checkpoints/last.pt", weights_only=True)
+    payload["config"]["model"]["hidden"] = [64, 64]  # the weights are a 40-40 network's
+    spliced = tmp_path / "spliced.pt"
+    torch.save(payload, spliced)
+    result = run_mamlrun(
+        "eval", f"checkpoint={spliced}", "eval.tasks=5", cwd=tmp_path, expect_ok=False
+    )
+    line = _refused(result, spliced)
+    assert "do not fit the model its config describes" in line
+    print(f"hostile checkpoint (another model's weights): refused, {line}")

@@ -72,14 +72,19 @@ def _cached(path: Path, build: Callable[[], dict]) -> dict:
     """Load the dict saved at `path`, or build and save it (`write_atomically`: a temporary file
     in the same folder, fsynced, renamed, the folder fsynced).
 
-    A damaged cache file is rebuilt; a cache that cannot be written only warns, since the data
-    is in memory anyway.
+    A damaged cache file is rebuilt, with a one-line notice; a cache that cannot be written only
+    warns, since the data is in memory anyway.
     """
     if path.is_file():
         try:
             return torch.load(path, weights_only=True)
-        except Exception:  # any unreadable cache is simply rebuilt
-            pass
+        except Exception as error:  # noqa: BLE001 - any unreadable cache is rebuilt
+            reason = str(error).strip().split("\n")[0].split(". ")[0][:200]
+            warnings.warn(
+                f"{path}: the cached images are damaged ({type(error).__name__}: {reason}); "
+                "rebuilding them from the dataset's files",
+                stacklevel=3,
+            )
     value = build()
     try:
         write_atomically(path, lambda file: torch.save(value, file))

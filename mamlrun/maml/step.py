@@ -167,11 +167,30 @@ class MetaStep:
         self.optimizer.zero_grad(set_to_none=True)
         with self._autocast():
             stats = self.engine.meta_gradient(batch, inner_steps, measure_before=measure_before)
+        if not self.skip_nonfinite:
+            # `stop`: the step is applied and flagged by its loss alone (one cheap kernel); the
+            # caller calls `state_is_finite` before it writes anything, which catches the rest
+            if self.grad_clip is not None:
+                torch.nn.utils.clip_grad_value_(self._parameters(), self.grad_clip)
+            self.optimizer.step()
+            return {**stats, "nonfinite": (~self._finite_loss(stats["loss_post"])).float()}
         finite = self._finite(stats["loss_post"])
         if self.grad_clip is not None:
             torch.nn.utils.clip_grad_value_(self._parameters(), self.grad_clip)
         finite = self._update(finite)
         return {**stats, "nonfinite": (~finite).to(torch.float32)}
+
+    def _finite_loss(self, loss: torch.Tensor | float) -> torch.Tensor:
+        device = next(iter(self._parameters())).device
+        return torch.isfinite(torch.as_tensor(loss, dtype=torch.float32, device=device))
+
+    def state_is_finite(self) -> bool:
+        """Whether every parameter and optimizer state tensor is finite (reads it on the host):
+        what `train.on_nonfinite=stop` checks before it writes a checkpoint, a log or a
+        validation row. A non-finite meta-gradient shows up here after the step it spoiled, and
+        so does a finite one whose square overflowed Adam's second moment."""
+        device = next(iter(self._parameters())).device
+        return bool(all_finite(self._update_state() or list(self._parameters()), device))
 
     def _finite(self, loss: torch.Tensor | float) -> torch.Tensor:
         """A 0-dim bool on the device: the meta-loss and every meta-gradient element are finite."""
@@ -184,9 +203,6 @@ class MetaStep:
         """`optimizer.step()` unless `finite` is false or the step would leave a parameter or
         the optimizer's state non-finite (a finite gradient whose square overflows Adam's second
         moment); then nothing changes (see the class). Returns whether the step was applied."""
-        if not self.skip_nonfinite:  # `stop`: the caller reads the flag before it writes anything
-            self.optimizer.step()
-            return finite & all_finite(self._update_state() or [], finite.device)
         tensors = self._update_state()
         if tensors is not None and all(t.device == finite.device for t in tensors):
             saved = [t.detach().clone() for t in tensors]

@@ -259,7 +259,7 @@ def run_eval(cfg: DictConfig) -> dict[str, float]:
     device = select_device(settings.hardware)
     seed_everything(settings.seed)
     model = model_for(config.model, config.dataset).to(device)
-    model.load_state_dict(payload["model"])
+    rundir.load_weights(model, payload, checkpoint_path)
     engine = engine_for(model, config.algorithm, config.dataset, config.hardware)
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     console.info(f"Evaluating {checkpoint_path} (iteration {payload['iteration']}) → {run_dir}")

@@ -253,3 +253,21 @@ def run_dir_of(checkpoint: Path) -> Path:
     return (
         checkpoint.parent.parent if checkpoint.parent.name == CHECKPOINT_DIR else checkpoint.parent
     )
+
+
+def load_weights(model: torch.nn.Module, payload: dict[str, Any], source: Path) -> None:
+    """Load the checkpoint's weights into the model its own config describes.
+
+    Raises:
+        UserError: the weights do not fit that model (a file put together from two runs, or
+            edited): one line naming `source`, not PyTorch's list of every mismatched tensor.
+    """
+    try:
+        model.load_state_dict(payload["model"])
+    except (RuntimeError, KeyError, TypeError) as err:
+        first = str(err).strip().splitlines()
+        reason = " ".join(line.strip() for line in first[:2])[:300] if first else type(err).__name__
+        raise UserError(
+            f"{source}: its weights do not fit the model its config describes ({reason}); it is "
+            "not a checkpoint mamlrun wrote for one run: use the checkpoint of the run you mean"
+        ) from None

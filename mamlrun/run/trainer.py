@@ -75,6 +75,7 @@ class Trainer:
         self._build()
         self.start, self.best, self.window = 0, None, []
         self.skipped = 0  # steps skipped as non-finite, up to the last logged iteration
+        self._state_checked_at = 0  # the last iteration after which the state was finite
         self.last_good: tuple[Path, int] | None = None  # the last last.pt written, its iteration
         if payload is not None:
             self._restore(payload)
@@ -109,7 +110,7 @@ class Trainer:
         self.val_batch = val_sampler.sample(config.train.val_tasks).to(device)
 
     def _restore(self, payload: dict[str, Any]) -> None:
-        self.model.load_state_dict(payload["model"])
+        rundir.load_weights(self.model, payload, self.run_dir)
         self.optimizer.load_state_dict(payload["optimizer"])
         self.train_tasks.load_state_dict(payload["sampler"])
         rundir.set_rng_state(payload["rng"])
@@ -119,6 +120,7 @@ class Trainer:
             payload["window"],
         )
         self.skipped = payload.get("skipped_steps", 0)
+        self._state_checked_at = self.start
         self.last_good = (rundir.checkpoint_path(self.run_dir, rundir.LAST), self.start)
         console.info(f"resuming {self.run_dir} from iteration {self.start}")
 
@@ -141,9 +143,11 @@ class Trainer:
                 validated = iteration % loop.val_every == 0 or last
                 saved = iteration % loop.checkpoint_every == 0 or last
                 self._step(logged)
-                if stops and (every_step or logged or validated or saved):
+                writes = logged or validated or saved
+                if stops and (every_step or writes):
                     # before anything is written; on a CPU only the new step is unread
-                    self._stop_if_nonfinite(iteration, self.window[-1:] if every_step else None)
+                    window = self.window[-1:] if every_step else None
+                    self._stop_if_nonfinite(iteration, window, check_state=writes)
                 if logged:
                     self._log(iteration, started, bar, task)
                 if validated:
@@ -161,24 +165,36 @@ class Trainer:
         batch = self.train_tasks.sample(algorithm.meta_batch_size).to(self.device)
         self.window.append(self.meta_step(batch, algorithm.inner_steps, measure_before=logged))
 
-    def _stop_if_nonfinite(self, iteration: int, window: list | None = None) -> None:
+    def _stop_if_nonfinite(
+        self, iteration: int, window: list | None = None, check_state: bool = False
+    ) -> None:
         """Raise if a step of `window` (the logging window so far, which ends at `iteration`)
-        was not finite; reading the flags waits for those steps.
+        had a non-finite meta-loss or, with `check_state` (before a write), if the parameters or
+        the optimizer's state are no longer finite; reading the flags waits for those steps.
 
         Raises:
             UserError: `train.on_nonfinite=stop` and a non-finite step.
         """
         window = self.window if window is None else window
         flags = [float(stats.get("nonfinite", 0.0)) for stats in window]
-        if not any(flags):
+        if any(flags):
+            first = iteration - len(window) + 1 + next(i for i, f in enumerate(flags) if f)
+            when = f"at iteration {first}"
+        elif check_state and not self.meta_step.state_is_finite():
+            since = self._state_checked_at + 1  # the state was finite after the step before
+            when = f"at iteration {iteration}"
+            if since < iteration:
+                when = f"between iterations {since} and {iteration}"
+        else:
+            if check_state:
+                self._state_checked_at = iteration
             return
-        first = iteration - len(window) + 1 + next(i for i, flag in enumerate(flags) if flag)
         good = "no checkpoint was written before it"
         if self.last_good is not None:
             path, good_iteration = self.last_good
             good = f"the last good checkpoint is {path} (iteration {good_iteration})"
         raise UserError(
-            f"train.on_nonfinite=stop: non-finite meta-loss or meta-gradient at iteration {first}; "
+            f"train.on_nonfinite=stop: non-finite meta-loss or meta-gradient {when}; "
             f"{good}; lower algorithm.inner_lr / meta_lr, set algorithm.grad_clip, or "
             "train.on_nonfinite=skip"
         )
