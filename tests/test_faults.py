@@ -273,3 +273,16 @@ def test_a_checkpoint_whose_weights_are_another_models_is_one_line(tmp_path):
     line = _refused(result, spliced)
     assert "do not fit the model its config describes" in line
     print(f"hostile checkpoint (another model's weights): refused, {line}")
+
+
+def test_a_metrics_line_cut_short_is_dropped_on_resume(tmp_path):
+    """A process that died (or hit a full disk) while appending to metrics.jsonl leaves a partial
+    last line; resume drops it and logs that point again, as an undisturbed run logged it."""
+    short = [*QUICK, "train.eval_at_end=false", "train.checkpoint_every=10"]
+    reference, cut = tmp_path / "reference", tmp_path / "cut"
+    run_mamlrun("train", *short, "train.iterations=20", f"hydra.run.dir={reference}", cwd=tmp_path)
+    run_mamlrun("train", *short, "train.iterations=10", f"hydra.run.dir={cut}", cwd=tmp_path)
+    with (cut / "metrics.jsonl").open("a") as file:
+        file.write('{"iteration": 15, "split": "tr')
+    run_mamlrun("train", f"resume={cut}", "train.iterations=20", cwd=tmp_path)
+    assert read_jsonl(cut / "metrics.jsonl") == read_jsonl(reference / "metrics.jsonl")

@@ -28,6 +28,7 @@ from mamlrun.config.schema import (
     SinusoidDataset,
 )
 from mamlrun.config.validate import validate
+from mamlrun.data.atomic import write_atomically
 from mamlrun.errors import UserError
 from mamlrun.maml.engine import Engine
 from mamlrun.run import jsonio, rundir
@@ -228,7 +229,8 @@ def evaluate_and_report(
     the end of training."""
     report = evaluate(engine, config.dataset, config.algorithm, config.eval, device)
     report.update(checkpoint=str(checkpoint), iteration=iteration)
-    (run_dir / rundir.EVAL).write_text(jsonio.dumps(report, indent=2) + "\n")
+    text = jsonio.dumps(report, indent=2) + "\n"  # all or nothing: a full disk keeps the old
+    write_atomically(run_dir / rundir.EVAL, lambda file: file.write(text.encode()))
     columns, rows = table_rows(report)
     title = (
         f"Test: {report['tasks']} tasks, mean ± 95% CI ({report['dataset']}, {report['algorithm']})"

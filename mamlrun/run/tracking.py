@@ -14,6 +14,7 @@ from typing import Any, Protocol
 from hydra.core.hydra_config import HydraConfig
 
 from mamlrun.config.schema import NoLogger, WandbLogger
+from mamlrun.data.atomic import write_atomically
 from mamlrun.errors import UserError
 from mamlrun.run import jsonio
 from mamlrun.run.rundir import METRICS
@@ -123,8 +124,9 @@ class MetricsFile:
         self.path = run_dir / METRICS
         if keep_until is not None and self.path.exists():
             # Resuming: rows logged after the checkpoint will be logged again, identically.
-            kept = [r for r in read_metrics(self.path) if r["iteration"] <= keep_until]
-            self.path.write_text("".join(jsonio.dumps(r) + "\n" for r in kept))
+            kept = [r for r in _complete_rows(self.path) if r["iteration"] <= keep_until]
+            text = "".join(jsonio.dumps(r) + "\n" for r in kept)
+            write_atomically(self.path, lambda file: file.write(text.encode()))
         self.path.parent.mkdir(parents=True, exist_ok=True)
 
     def write(self, iteration: int, split: str, metrics: dict[str, Any]) -> dict[str, Any]:
@@ -133,6 +135,16 @@ class MetricsFile:
         with self.path.open("a") as f:
             f.write(jsonio.dumps(row) + "\n")
         return row
+
+
+def _complete_rows(path: Path) -> list[dict[str, Any]]:
+    """The file's rows without a last line cut short (its process died, or the disk filled,
+    while it was written): that row is logged again after the checkpoint anyway."""
+    lines = [line for line in path.read_text().splitlines() if line.strip()]
+    try:
+        return read_metrics(path)
+    except json.JSONDecodeError:
+        return [jsonio.nan_for_null(json.loads(line)) for line in lines[:-1]]
 
 
 def read_metrics(path: Path) -> list[dict[str, Any]]:
