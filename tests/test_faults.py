@@ -286,3 +286,74 @@ def test_a_metrics_line_cut_short_is_dropped_on_resume(tmp_path):
         file.write('{"iteration": 15, "split": "tr')
     run_mamlrun("train", f"resume={cut}", "train.iterations=20", cwd=tmp_path)
     assert read_jsonl(cut / "metrics.jsonl") == read_jsonl(reference / "metrics.jsonl")
+
+
+# --------------------------------------------------------------- a full disk, a read-only disk
+
+
+def _in_private_mount(script: str, cwd: Path) -> subprocess.CompletedProcess:
+    """Run a shell script in its own mount namespace (`unshare -m`, as root), so that the small
+    or read-only tmpfs it mounts exists for it alone and disappears with it."""
+    env = {**os.environ, "WANDB_SILENT": "true", "MAMLRUN": " ".join(MAMLRUN)}
+    return subprocess.run(
+        ["unshare", "-m", "sh", "-euc", script],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+
+
+def _can_mount(tmp_path: Path) -> bool:
+    probe = _in_private_mount(f"mount -t tmpfs -o size=64k tmpfs {tmp_path}", tmp_path)
+    return probe.returncode == 0
+
+
+def test_a_full_disk_during_training_is_one_line_and_loses_nothing(tmp_path):
+    if not _can_mount(tmp_path) and os.environ.get("CI") != "true":
+        pytest.skip("needs root and `unshare -m` to mount a small tmpfs")
+    disk, out = tmp_path / "disk", tmp_path / "out"
+    disk.mkdir(), out.mkdir()
+    args = " ".join([*QUICK, "train.eval_at_end=false", "train.checkpoint_every=10"])
+    script = f"""
+mount -t tmpfs -o size=4m tmpfs {disk}
+$MAMLRUN train {args} train.iterations=10 hydra.run.dir={disk}/run > {out}/first.log 2>&1
+cp {disk}/run/checkpoints/last.pt {out}/before.pt
+dd if=/dev/zero of={disk}/filler bs=4k 2>/dev/null || true
+set +e
+$MAMLRUN train resume={disk}/run train.iterations=30 > {out}/full.out 2> {out}/full.err
+echo $? > {out}/full.rc
+set -e
+cp {disk}/run/checkpoints/last.pt {out}/after.pt
+ls -a {disk}/run/checkpoints > {out}/files.txt
+rm {disk}/filler
+$MAMLRUN train resume={disk}/run train.iterations=30 > {out}/again.log 2>&1
+cp {disk}/run/checkpoints/last.pt {out}/final.pt
+"""
+    result = _in_private_mount(script, tmp_path)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert int((out / "full.rc").read_text()) != 0
+    errors = [line for line in (out / "full.err").read_text().splitlines() if "error:" in line]
+    assert len(errors) == 1 and str(disk / "run") in errors[0], (out / "full.err").read_text()
+    assert "No space left on device" in errors[0]
+    assert (out / "before.pt").read_bytes() == (out / "after.pt").read_bytes()
+    assert not [name for name in (out / "files.txt").read_text().split() if ".tmp" in name]
+    assert torch.load(out / "final.pt", weights_only=True)["iteration"] == 30
+    print(f"full disk during training: refused, {errors[0]}; checkpoint intact, resumed to 30")
+
+
+def test_a_read_only_output_directory_is_one_line(tmp_path):
+    if not _can_mount(tmp_path) and os.environ.get("CI") != "true":
+        pytest.skip("needs root and `unshare -m` to mount a read-only tmpfs")
+    disk = tmp_path / "ro"
+    disk.mkdir()
+    script = f"""
+mount -t tmpfs -o ro,size=64k tmpfs {disk}
+$MAMLRUN train {" ".join(QUICK)} train.iterations=2 hydra.run.dir={disk}/run
+"""
+    result = _in_private_mount(script, tmp_path)
+    errors = [line for line in result.stderr.splitlines() if "error:" in line]
+    assert result.returncode == 2 and len(errors) == 1, result.stderr[-2000:]
+    assert str(disk / "run") in errors[0] and "Read-only file system" in errors[0]
+    print(f"hostile output directory (read-only file system): refused, {errors[0]}")

@@ -15,7 +15,11 @@ from typing import BinaryIO
 
 
 def write_atomically(path: Path, write: Callable[[BinaryIO], None]) -> None:
-    """Replace `path` with what `write(file)` writes, all or nothing."""
+    """Replace `path` with what `write(file)` writes, all or nothing.
+
+    Raises:
+        OSError: the write failed, with `path` as its filename (a failed flush names none).
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
@@ -24,6 +28,9 @@ def write_atomically(path: Path, write: Callable[[BinaryIO], None]) -> None:
             file.flush()
             os.fsync(file.fileno())
         os.replace(tmp, path)
+    except OSError as err:  # a full disk, a size limit: name the file, whatever call failed
+        tmp.unlink(missing_ok=True)
+        raise OSError(err.errno, err.strerror, str(path)) from None
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise

@@ -132,8 +132,11 @@ class MetricsFile:
     def write(self, iteration: int, split: str, metrics: dict[str, Any]) -> dict[str, Any]:
         """Append a row (a non-finite metric is written as null) and return it, floats kept."""
         row = {"iteration": iteration, "split": split, **metrics}
-        with self.path.open("a") as f:
-            f.write(jsonio.dumps(row) + "\n")
+        try:
+            with self.path.open("a") as f:
+                f.write(jsonio.dumps(row) + "\n")
+        except OSError as err:  # a full disk fails at the flush, which names no file
+            raise OSError(err.errno, err.strerror, str(self.path)) from None
         return row
 
 
