@@ -70,6 +70,20 @@ def _results(run_dir: Path) -> tuple[dict, list, dict]:
     return weights, read_jsonl(run_dir / "metrics.jsonl"), evaluation
 
 
+PHASES: dict[str, int] = {}  # what the killed runs were doing, for the printed figures
+
+
+def _phase(run_dir: Path, iterations: int) -> str:
+    """What a killed run was doing, from the files it left."""
+    if any(run_dir.rglob(".*.tmp")):
+        return "writing a file"
+    last = run_dir / "checkpoints/last.pt"
+    if last.is_file() and not (run_dir / "eval.json").is_file():
+        if torch.load(last, weights_only=True)["iteration"] == iterations:
+            return "evaluating"
+    return "starting or training" if last.is_file() else "starting"
+
+
 def _kill_and_resume(args: list[str], cwd: Path, kills: int, seed: int) -> tuple[int, Path]:
     """Run `mamlrun train ARGS` into a fresh directory, SIGKILL it at a random moment of its
     expected life, start it again (`resume=` once it has a checkpoint, else from scratch), and
@@ -95,6 +109,8 @@ def _kill_and_resume(args: list[str], cwd: Path, kills: int, seed: int) -> tuple
             process.send_signal(signal.SIGKILL)
             process.wait()
             delivered += 1
+            phase = _phase(run_dir, int(next(a for a in args if "iterations=" in a).split("=")[1]))
+            PHASES[phase] = PHASES.get(phase, 0) + 1
             continue
         # it finished before the kill: a finished run is not rerun; start the chain again
         assert process.returncode == 0, process.stderr.read().decode()[-2000:]
@@ -116,14 +132,14 @@ def _compare(run_dir: Path, reference: Path) -> None:
 def test_sigkill_at_random_moments_then_resume_gives_the_undisturbed_run_sinusoid(tmp_path):
     delivered, reference = _kill_and_resume(SINUSOID, tmp_path, kills=12, seed=1)
     _compare(tmp_path / "killed", reference)
-    print(f"sinusoid: {delivered} kills delivered, {delivered} survived")
+    print(f"sinusoid: {delivered} kills delivered, {delivered} survived; phases {PHASES}")
 
 
 @needs_omniglot
 def test_sigkill_at_random_moments_then_resume_gives_the_undisturbed_run_omniglot(tmp_path):
     delivered, reference = _kill_and_resume(OMNIGLOT_RUN, tmp_path, kills=8, seed=2)
     _compare(tmp_path / "killed", reference)
-    print(f"omniglot (tensor sampler): {delivered} kills delivered, {delivered} survived")
+    print(f"omniglot (tensor sampler): {delivered} kills, {delivered} survived; phases {PHASES}")
 
 
 # ------------------------------------------------------------------------------ hostile files

@@ -27,7 +27,7 @@ STOP = re.compile(
 
 
 def _checkpoint(run_dir):
-    return torch.load(run_dir / "checkpoints/last.pt", weights_only=False)
+    return torch.load(run_dir / "checkpoints/last.pt", weights_only=True)
 
 
 def _all_finite(state) -> bool:

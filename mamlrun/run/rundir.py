@@ -271,3 +271,14 @@ def load_weights(model: torch.nn.Module, payload: dict[str, Any], source: Path) 
             f"{source}: its weights do not fit the model its config describes ({reason}); it is "
             "not a checkpoint mamlrun wrote for one run: use the checkpoint of the run you mean"
         ) from None
+
+
+def remove_temporaries(run_dir: Path) -> list[Path]:
+    """Delete the temporary files a killed run left while it wrote a checkpoint, eval.json or
+    metrics.jsonl (`write_atomically`'s `.<name>.<pid>.tmp`): each is an unfinished copy whose
+    complete predecessor is still in place. Call it holding the directory (`hold`)."""
+    folders = (run_dir, run_dir / CHECKPOINT_DIR)
+    left = [path for folder in folders for path in folder.glob(".*.tmp")]
+    for path in left:
+        path.unlink(missing_ok=True)
+    return left

@@ -46,6 +46,7 @@ def run_train(cfg: DictConfig) -> float:
         resume_from = rundir.resolve(config.resume, prefer=rundir.LAST)
         run_dir = rundir.run_dir_of(resume_from)
     with rundir.hold(run_dir):
+        rundir.remove_temporaries(run_dir)  # left by a run killed mid-write: never complete
         return _train(cfg, config, run_dir, resume_from)
 
 
