@@ -55,10 +55,12 @@ def test_engine_is_an_engine_and_trains_through_meta_step(name):
     step = MetaStep(engine, torch.optim.Adam(engine.model.parameters(), lr=1e-3), grad_clip=10.0)
     tasks = SinusoidTasks(5, 5, seed=1)
     stats = read_stats([step(tasks.sample(4), 1, measure_before=i == 1) for i in range(2)])
-    every = {"loss_pre", "loss_post", "metric_pre", "metric_post"}
+    every = {"loss_pre", "loss_post", "metric_pre", "metric_post", "nonfinite"}
+    post = {"loss_post", "metric_post", "nonfinite"}  # MetaStep adds its non-finite flag
     # the baseline does not adapt: its "before" is its "after", always reported
-    assert set(stats[0]) == (every if name.startswith("pretrain") else {"loss_post", "metric_post"})
+    assert set(stats[0]) == (every if name.startswith("pretrain") else post)
     assert set(stats[1]) == every
+    assert all(s["nonfinite"] == 0 for s in stats)
     assert all(torch.isfinite(torch.tensor(list(s.values()))).all() for s in stats)
     after = list(engine.model.parameters())
     assert any(not torch.equal(b, a) for b, a in zip(before, after, strict=True))
