@@ -373,3 +373,19 @@ $MAMLRUN train {" ".join(QUICK)} train.iterations=2 hydra.run.dir={disk}/run
     assert result.returncode == 2 and len(errors) == 1, result.stderr[-2000:]
     assert str(disk / "run") in errors[0] and "Read-only file system" in errors[0]
     print(f"hostile output directory (read-only file system): refused, {errors[0]}")
+
+
+def test_reproduce_started_again_refuses_a_cell_that_is_still_training(tmp_path):
+    """A second `mamlrun reproduce` would set a cell aside (or resume it) while the first one's
+    `mamlrun train` still writes it: it refuses, naming the cell, and moves nothing."""
+    from mamlrun.run import rundir
+
+    cell = tmp_path / "outputs/reproduce/sinusoid/finn2017/sinusoid_maml"
+    cell.mkdir(parents=True)
+    (cell / "train.log").write_text("the first reproduce's job is writing here\n")
+    with rundir.hold(cell):  # as that job's `mamlrun train` holds it
+        result = run_mamlrun("reproduce", "sinusoid", "budget=0.001", cwd=tmp_path, expect_ok=False)
+    line = _refused(result, cell)
+    assert f"pid {os.getpid()}" in line and (cell / "train.log").is_file()
+    assert not (tmp_path / "outputs/reproduce/sinusoid/.replaced").exists()
+    print(f"two processes (reproduce started again): refused, {line}")

@@ -269,6 +269,12 @@ def _sweep_overrides(overrides: list[str]) -> list[str]:
 
 def run_cells(table_dir: Path, cells: list[Cell], overrides: list[str]) -> None:
     """One multirun for the cells to run, then `resume=` for each interrupted cell."""
+    for cell in cells:  # a reproduce started again while the first still trains a cell
+        if cell.action != REUSE and (pid := rundir.holder(cell.path)) is not None:
+            raise UserError(
+                f"{cell.path.resolve()}: a mamlrun train (pid {pid}) is training this cell; "
+                "wait for it to finish or stop it, then run reproduce again"
+            )
     to_run = [c for c in cells if c.action == RUN]
     stamp = time.strftime("%Y-%m-%d_%H-%M-%S")
     for cell in to_run:

@@ -219,6 +219,20 @@ def convert_legacy(source: Path, out: Path) -> dict[str, Any]:
     return payload
 
 
+def holder(run_dir: Path) -> str | None:
+    """The pid of the `mamlrun train` holding `run_dir` (`hold`), or None where none does."""
+    if not (run_dir / LOCK).is_file():
+        return None
+    fd = os.open(run_dir / LOCK, os.O_RDWR)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+    finally:
+        os.close(fd)  # releases the probe's own lock, if it got one
+    return None
+
+
 @contextlib.contextmanager
 def hold(run_dir: Path) -> Iterator[None]:
     """Hold `run_dir` for one `mamlrun train` while the block runs.
