@@ -1,4 +1,5 @@
-"""The fault suite: training killed with SIGKILL at random moments and resumed, hostile input files,
+"""The fault suite: training killed with SIGKILL (while it starts, trains, writes a checkpoint and
+evaluates) and resumed, hostile input files,
 a full disk during a checkpoint, two processes on one run directory.
 
 Every fault must end the same way for the user: nothing finished is lost, and `resume=` (or simply
@@ -54,11 +55,12 @@ OMNIGLOT_RUN = [
 ]
 
 
-def _start(args: list[str], cwd: Path) -> subprocess.Popen:
-    env = {**os.environ, "WANDB_SILENT": "true", "COLUMNS": "160"}
-    return subprocess.Popen(
-        [*MAMLRUN, *args], cwd=cwd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
-    )
+def _start(args: list[str], cwd: Path, stdout: Path) -> subprocess.Popen:
+    env = {**os.environ, "WANDB_SILENT": "true", "COLUMNS": "160", "PYTHONUNBUFFERED": "1"}
+    with stdout.open("w") as out:
+        return subprocess.Popen(
+            [*MAMLRUN, *args], cwd=cwd, env=env, stdout=out, stderr=subprocess.PIPE
+        )
 
 
 def _results(run_dir: Path) -> tuple[dict, list, dict]:
@@ -71,48 +73,58 @@ def _results(run_dir: Path) -> tuple[dict, list, dict]:
 
 
 PHASES: dict[str, int] = {}  # what the killed runs were doing, for the printed figures
+# Kill moments, in turn: anywhere in the process's life, while it writes a checkpoint (or another
+# file, through a temporary one), anywhere, and during the final evaluation.
+MOMENTS = ("anywhere", "writing a file", "anywhere", "evaluating")
 
 
-def _phase(run_dir: Path, iterations: int) -> str:
-    """What a killed run was doing, from the files it left."""
-    if any(run_dir.rglob(".*.tmp")):
-        return "writing a file"
-    last = run_dir / "checkpoints/last.pt"
-    if last.is_file() and not (run_dir / "eval.json").is_file():
-        if torch.load(last, weights_only=True)["iteration"] == iterations:
-            return "evaluating"
-    return "starting or training" if last.is_file() else "starting"
+def _moment(process, run_dir: Path, out: Path, moment: str, wait: float) -> str | None:
+    """Wait for `moment` of the process's life (at most `wait` seconds for "anywhere", else as
+    long as it lives); returns what it was doing then, or None if it ended first."""
+    deadline = time.perf_counter() + wait
+    while process.poll() is None:
+        if moment == "writing a file" and any(run_dir.rglob(".*.tmp")):
+            return moment
+        if moment == "evaluating" and "Training summary" in out.read_text():
+            time.sleep(random.uniform(0.05, 0.5))  # into the test tasks' adaptation and plots
+            text = out.read_text()
+            return moment if "done:" not in text and process.poll() is None else None
+        if moment == "anywhere" and time.perf_counter() > deadline:
+            return "training" if (run_dir / "metrics.jsonl").is_file() else "starting"
+        time.sleep(0.001)
+    return None
 
 
 def _kill_and_resume(args: list[str], cwd: Path, kills: int, seed: int) -> tuple[int, Path]:
-    """Run `mamlrun train ARGS` into a fresh directory, SIGKILL it at a random moment of its
-    expected life, start it again (`resume=` once it has a checkpoint, else from scratch), and
-    so on until `kills` kills have landed; then let it finish. Returns the kills delivered."""
+    """Run `mamlrun train ARGS` into a fresh directory, SIGKILL it at a moment of its life
+    (`MOMENTS`, in turn), start it again (`resume=` once it has a checkpoint, else from scratch),
+    and so on until `kills` kills have landed; then let it finish. Returns the kills delivered."""
     reference = cwd / "reference"
     started = time.perf_counter()
     run_mamlrun("train", *args, f"hydra.run.dir={reference}", cwd=cwd)
     lifetime = time.perf_counter() - started
-    run_dir, rng, delivered = cwd / "killed", random.Random(seed), 0
+    run_dir, rng, delivered, attempt = cwd / "killed", random.Random(seed), 0, 0
     while True:
         has_checkpoint = (run_dir / "checkpoints/last.pt").is_file()
         command = ["train", f"resume={run_dir}"] if has_checkpoint else ["train", *args]
         if not has_checkpoint:
             command.append(f"hydra.run.dir={run_dir}")
-        process = _start(command, cwd)
+        out = cwd / f"attempt{attempt}.out"
+        process, attempt = _start(command, cwd, out), attempt + 1
         if delivered == kills:
             _, stderr = process.communicate(timeout=600)
             assert process.returncode == 0, stderr.decode()[-2000:]
             return delivered, reference
-        try:
-            process.wait(timeout=rng.uniform(0.2, 1.0) * lifetime)
-        except subprocess.TimeoutExpired:
+        moment = MOMENTS[delivered % len(MOMENTS)]
+        phase = _moment(process, run_dir, out, moment, rng.uniform(0.2, 1.0) * lifetime)
+        if phase is not None:
             process.send_signal(signal.SIGKILL)
             process.wait()
             delivered += 1
-            phase = _phase(run_dir, int(next(a for a in args if "iterations=" in a).split("=")[1]))
             PHASES[phase] = PHASES.get(phase, 0) + 1
             continue
         # it finished before the kill: a finished run is not rerun; start the chain again
+        process.wait()
         assert process.returncode == 0, process.stderr.read().decode()[-2000:]
         _compare(run_dir, reference)
         shutil.rmtree(run_dir)
@@ -130,6 +142,7 @@ def _compare(run_dir: Path, reference: Path) -> None:
 
 
 def test_sigkill_at_random_moments_then_resume_gives_the_undisturbed_run_sinusoid(tmp_path):
+    PHASES.clear()
     delivered, reference = _kill_and_resume(SINUSOID, tmp_path, kills=12, seed=1)
     _compare(tmp_path / "killed", reference)
     print(f"sinusoid: {delivered} kills delivered, {delivered} survived; phases {PHASES}")
@@ -137,6 +150,7 @@ def test_sigkill_at_random_moments_then_resume_gives_the_undisturbed_run_sinusoi
 
 @needs_omniglot
 def test_sigkill_at_random_moments_then_resume_gives_the_undisturbed_run_omniglot(tmp_path):
+    PHASES.clear()
     delivered, reference = _kill_and_resume(OMNIGLOT_RUN, tmp_path, kills=8, seed=2)
     _compare(tmp_path / "killed", reference)
     print(f"omniglot (tensor sampler): {delivered} kills, {delivered} survived; phases {PHASES}")

@@ -89,7 +89,9 @@ class Trainer:
             bf16=hardware.precision == "bf16",
             skip_nonfinite=config.train.on_nonfinite == "skip",
         )
-        self.metrics = MetricsFile(run_dir, keep_until=self.start if payload else None)
+        # a fresh run starts the file anew: rows of an attempt killed before its first checkpoint
+        # would otherwise stay in front of this run's (resume keeps those up to its checkpoint)
+        self.metrics = MetricsFile(run_dir, keep_until=self.start)
         resume_id = (payload or {}).get("wandb_id")
         self.tracker = make_tracker(config.logger, run_dir, record, resume_id=resume_id)
         self.seconds = 0.0
