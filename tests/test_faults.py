@@ -1,6 +1,6 @@
 """The fault suite: training killed with SIGKILL (while it starts, trains, writes a checkpoint and
-evaluates) and resumed, hostile input files,
-a full disk during a checkpoint, two processes on one run directory.
+evaluates) and resumed, hostile input files, a full and a read-only disk, two processes on one
+run directory.
 
 Every fault must end the same way for the user: nothing finished is lost, and `resume=` (or simply
 running the command again) continues to exactly the result of an undisturbed run. Each test prints
