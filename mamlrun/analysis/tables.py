@@ -202,25 +202,22 @@ def _override_values(run: Run) -> dict[str, str]:
     return {o.key: o.value_text for o in parse_overrides(run.overrides) if o.value_text is not None}
 
 
-def _swept_keys(runs: list[Run]) -> tuple[list[str], dict[str, str]]:
-    """Override keys whose values differ between runs (the sweep), and those common to all."""
-    per_run = [_override_values(r) for r in runs]
+def _swept_keys(per_run: list[dict[str, str]]) -> list[str]:
+    """Override keys whose values differ between runs (the sweep); a single run's keys all."""
     keys = sorted({k for overrides in per_run for k in overrides})
-    swept = [k for k in keys if len({o.get(k) for o in per_run}) > 1]
-    common = {k: per_run[0][k] for k in keys if k not in swept and k in per_run[0]}
-    if len(runs) == 1:
-        return keys, {}
-    return swept, common
+    if len(per_run) == 1:
+        return keys
+    return [k for k in keys if len({o.get(k) for o in per_run}) > 1]
 
 
 def results_table(runs: list[Run], base: Path | None = None) -> tuple[list[str], list[list[str]]]:
     """Any runs: swept keys, final validation metric, test metric ± 95% CI per setting, status."""
-    swept, _ = _swept_keys(runs)
+    overrides = [_override_values(r) for r in runs]
+    swept = _swept_keys(overrides)
     names = [
         str(r.path.relative_to(base)) if base and r.path.is_relative_to(base) else str(r.path)
         for r in runs
     ]
-    overrides = [_override_values(r) for r in runs]
     # A key that only repeats the run's name (reproduce's `experiment`) adds nothing.
     swept = [k for k in swept if [o.get(k) for o in overrides] != names]
     settings: list[tuple[str, str]] = []  # (setting label, metric) across runs, in first-seen order

@@ -144,10 +144,14 @@ def _complete_rows(path: Path) -> list[dict[str, Any]]:
     """The file's rows without a last line cut short (its process died, or the disk filled,
     while it was written): that row is logged again after the checkpoint anyway."""
     lines = [line for line in path.read_text().splitlines() if line.strip()]
-    try:
-        return read_metrics(path)
-    except json.JSONDecodeError:
-        return [jsonio.nan_for_null(json.loads(line)) for line in lines[:-1]]
+    rows = []
+    for number, line in enumerate(lines, start=1):
+        try:
+            rows.append(jsonio.nan_for_null(json.loads(line)))
+        except json.JSONDecodeError:
+            if number < len(lines):
+                raise  # damage inside the file is not a write cut short
+    return rows
 
 
 def read_metrics(path: Path) -> list[dict[str, Any]]:
