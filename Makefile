@@ -39,8 +39,8 @@ gpu-check:  ## on a CUDA machine: timed full Omniglot 5w1s run, GPU tests (OMNIG
 	PYTHON=$(BIN)/python bash scripts/gpu_check.sh $(STEPS)
 
 lint:  ## ruff check and format check
-	$(BIN)/ruff check mamlrun tests
-	$(BIN)/ruff format --check mamlrun tests
+	$(BIN)/ruff check mamlrun hydra_plugins tests
+	$(BIN)/ruff format --check mamlrun hydra_plugins tests
 
 clean:  ## remove caches and the venv (outputs/ is kept)
 	rm -rf $(VENV) .pytest_cache .ruff_cache build *.egg-info mamlrun/__pycache__ tests/__pycache__
