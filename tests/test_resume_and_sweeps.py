@@ -1,6 +1,7 @@
 """Determinism, resume equivalence and Hydra multirun sweeps, through the console script."""
 
 import torch
+from wandb_offline import read_wandb_offline
 
 from conftest import QUICK, read_jsonl, run_mamlrun
 
@@ -92,3 +93,18 @@ def test_a_bad_job_ends_only_itself_and_the_sweep_exits_2(tmp_path):
     assert "sweep job(s) 0 failed" in result.stderr.splitlines()[-1]
     (sweep,) = (tmp_path / "outputs/multirun").iterdir()
     assert (sweep / "1" / "eval.json").is_file(), "the job after the bad one still ran"
+
+
+def test_the_runs_of_one_sweep_are_one_wandb_group(tmp_path):
+    """Offline W&B runs read back: jobs that differ in their algorithm share the sweep's group."""
+    quick = [arg for arg in SHORT if arg != "logger=none"]
+    sweep = tmp_path / "multirun" / "my-sweep"
+    args = ["algorithm=maml,fomaml", "train.iterations=10", "logger=wandb", "logger.mode=offline"]
+    run_mamlrun("train", "-m", *quick, *args, f"hydra.sweep.dir={sweep}", cwd=tmp_path)
+    runs = [read_wandb_offline(f) for f in sorted(sweep.glob("*/wandb/offline-run-*/run-*.wandb"))]
+    assert len(runs) == 2
+    assert {run["group"] for run in runs} == {"multirun/my-sweep"}
+    assert sorted(run["name"] for run in runs) == [
+        "sinusoid-fomaml-seed0-job1",
+        "sinusoid-maml-seed0-job0",
+    ]

@@ -8,7 +8,8 @@ from typing import Any
 
 
 def read_wandb_offline(run_file: Path) -> dict[str, Any]:
-    """Read back an offline wandb run (`run-<id>.wandb`): its config, history rows and summary.
+    """Read back an offline wandb run (`run-<id>.wandb`): its name, group, config, history rows
+    and summary.
 
     The file is wandb's transaction log: a 7-byte header, then LevelDB-log records (4-byte
     checksum, 2-byte length, 1-byte type: full/first/middle/last) in 32 KiB blocks, each holding
@@ -38,11 +39,13 @@ def read_wandb_offline(run_file: Path) -> dict[str, Any]:
     def item_key(item) -> str:
         return item.key or "/".join(item.nested_key)
 
-    run: dict[str, Any] = {"config": {}, "history": [], "summary": {}}
+    run: dict[str, Any] = {"config": {}, "history": [], "summary": {}, "name": "", "group": ""}
     for payload in payloads:
         record = wandb_internal_pb2.Record()
         record.ParseFromString(payload)
         kind = record.WhichOneof("record_type")
+        if kind == "run":
+            run["name"], run["group"] = record.run.display_name, record.run.run_group
         if kind in ("run", "config"):
             updates = record.run.config.update if kind == "run" else record.config.update
             run["config"].update({item_key(i): json.loads(i.value_json) for i in updates})

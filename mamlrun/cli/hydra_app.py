@@ -51,7 +51,8 @@ def _hydra_command(config_name: str, task: Callable) -> Callable[[], None]:
             if code != 2 and not runs_in_worker_pool(job.launcher._target_):
                 fail(config_name, line, code)
             print(f"mamlrun {config_name}: {line}", file=sys.stderr)
-            FAILURES[job.job.num] = FailedJob(job.job.num, str(err), code)
+            sweep_dir = str(Path(job.sweep.dir).resolve())
+            FAILURES[job.job.num] = FailedJob(job.job.num, str(err), code, sweep_dir)
             return FAILURES[job.job.num]
 
     def entry() -> None:
@@ -65,10 +66,19 @@ def _hydra_command(config_name: str, task: Callable) -> Callable[[], None]:
             app(task_function)()
         if FAILURES:
             numbers = ", ".join(str(num) for num in sorted(FAILURES))
+            code = max(job.exit_code for job in FAILURES.values())
+            if all(job.exit_code != 2 for job in FAILURES.values()):
+                sweep_dir = next(iter(FAILURES.values())).sweep_dir
+                fail(
+                    config_name,
+                    f"sweep stopped by a signal: job(s) {numbers} wrote checkpoints/last.pt; to "
+                    f"continue them, run the same command with hydra.sweep.dir={sweep_dir}",
+                    code,
+                )
             fail(
                 config_name,
                 f"sweep job(s) {numbers} failed (see their lines above); the other jobs finished",
-                max(job.exit_code for job in FAILURES.values()),
+                code,
             )
 
     return entry

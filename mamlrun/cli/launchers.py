@@ -41,14 +41,15 @@ class FailedJob(float):
     num: int
     message: str
     exit_code: int
+    sweep_dir: str
 
-    def __new__(cls, num: int, message: str, exit_code: int = 2) -> FailedJob:
+    def __new__(cls, num: int, message: str, exit_code: int, sweep_dir: str) -> FailedJob:
         job = super().__new__(cls, "nan")
-        job.num, job.message, job.exit_code = num, message, exit_code
+        job.num, job.message, job.exit_code, job.sweep_dir = num, message, exit_code, sweep_dir
         return job
 
     def __reduce__(self) -> tuple[Any, ...]:  # back from a worker process or a SLURM job
-        return (FailedJob, (self.num, self.message, self.exit_code))
+        return (FailedJob, (self.num, self.message, self.exit_code, self.sweep_dir))
 
 
 def record_failures(returns: Sequence[JobReturn]) -> None:

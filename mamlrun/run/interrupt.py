@@ -85,7 +85,7 @@ class StopRequests:
         name = signal.Signals(self.signum).name
         return Interrupted(
             f"stopped by {name} after iteration {iteration:,}; {checkpoint} holds it; continue "
-            f"with: mamlrun train resume={run_dir} (or rerun the same command: resume=auto)",
+            f"with: mamlrun train resume={run_dir}",
             self.signum,
             self.previous.get(self.signum),
         )

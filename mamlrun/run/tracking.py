@@ -171,15 +171,20 @@ def make_tracker(
     config: dict[str, Any],
     resume_id: str | None = None,
 ) -> Tracker:
-    """The experiment tracker chosen by `logger=`; run name and group derive from the run's
-    config (dataset, algorithm, seed), and a multirun job's name carries its number."""
+    """The experiment tracker chosen by `logger=`. The run's name derives from its config
+    (dataset, algorithm, seed); a multirun job's name carries its number and its group is the
+    sweep (its directory, e.g. `multirun/2026-01-01_12-00-00`), so one sweep's runs, whatever
+    they vary, are one group in W&B. A single run's group is `<dataset>-<algorithm>`."""
     if logger.name == "none":
         return NullTracker()
-    group = logger.group or f"{config['dataset']['name']}-{config['algorithm']['name']}"
-    name = logger.run_name or f"{group}-seed{config.get('seed', 0)}"
-    job = HydraConfig.get().job.get("num") if HydraConfig.initialized() else None
-    if job is not None and HydraConfig.get().mode.name == "MULTIRUN":
-        name = f"{name}-job{job}"
+    kind = f"{config['dataset']['name']}-{config['algorithm']['name']}"
+    name = logger.run_name or f"{kind}-seed{config.get('seed', 0)}"
+    group = logger.group or kind
+    hydra = HydraConfig.get() if HydraConfig.initialized() else None
+    if hydra is not None and hydra.mode.name == "MULTIRUN":
+        name = f"{name}-job{hydra.job.num}"
+        sweep = Path(hydra.sweep.dir).resolve()
+        group = logger.group or f"{sweep.parent.name}/{sweep.name}"
     return WandbTracker(
         run_dir,
         config,
