@@ -1,9 +1,17 @@
-"""Tables from runs: the results table of any sweep, and paper vs mamlrun for paper presets.
+"""Tables from runs: the results table of any sweep, paper vs mamlrun for paper presets, and the
+sweep table with seeds aggregated.
 
 - the results table: one row per run, the swept keys as columns, the final validation metric,
-  the test metric with its 95% CI per setting, the run's wall time and status;
+  the objective (`mamlrun.analysis.sweep`), the test metric with its 95% CI per setting, the
+  run's wall time and status; best objective first;
 - the comparison table, for runs of a paper preset (a `paper:` block in the config): the paper's
-  value ± CI next to mamlrun's, the difference, and whether the 95% intervals overlap.
+  value ± CI next to mamlrun's, the difference, and whether the 95% intervals overlap; where a
+  preset ran with several seeds, the mean over seeds ± their std, the median over seeds, each
+  seed's value, how many seeds had diverging test tasks and whether the paper's value lies in the
+  seeds' range (`mamlrun.analysis.seeds`);
+- the sweep table, where runs differ only in `seed`: one row per configuration, its swept keys,
+  the objective over its seeds; best first. The plot of the objective against each swept key
+  (`sweep_objective.png`) is drawn from the same numbers.
 
 Runs that did not finish are listed with their status, never dropped: a table that hides a failed
 cell looks more complete than it is. `mamlrun report` and `mamlrun reproduce` both write these.

@@ -222,7 +222,7 @@ def _positions(ax: plt.Axes, values: list[str]) -> list[float]:
 def sweep_plot(panels: dict[str, list[tuple[str, list[float]]]], ylabel: str, path: Path) -> Path:
     """The objective against each swept key, one panel per key (sharing the y axis): every
     seed's value as a dot, the seeds' range as a line, the mean over seeds as a diamond, and a
-    seed whose value is infinite (its test tasks diverged) as a red triangle on the top edge.
+    seed whose value is infinite (its test tasks diverged) as a red triangle above the frame.
 
     Args:
         panels: key -> one (the key's value as written, each seed's objective) per configuration.
@@ -241,10 +241,10 @@ def sweep_plot(panels: dict[str, list[tuple[str, list[float]]]], ylabel: str, pa
             if len(good) == len(values) and good:
                 ax.scatter([x], [sum(good) / len(good)], marker="D", color="C1", label="mean")
             bad = len(values) - len(good)
-            if bad:  # at the top edge, in axes coordinates: infinity has no place on the axis
+            if bad:  # above the frame, in axes coordinates: infinity has no place on the axis
                 ax.scatter(
                     [x] * bad,
-                    [0.97] * bad,
+                    [1.03] * bad,
                     marker="^",
                     color="red",
                     clip_on=False,
