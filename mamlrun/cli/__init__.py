@@ -66,7 +66,7 @@ COMMANDS: dict[str, tuple[str, Callable[[list[str]], None]]] = {
         _plain_command("bench", "mamlrun.cli.bench", "run_bench"),
     ),
     "reproduce": (
-        "rerun a paper table and compare: reproduce {omniglot,miniimagenet,sinusoid,all}",
+        "rerun a paper table and compare: reproduce {omniglot,miniimagenet,sinusoid,all} [seeds=N]",
         _plain_command("reproduce", "mamlrun.cli.reproduce", "run_reproduce"),
     ),
     "report": (

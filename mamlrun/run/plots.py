@@ -23,11 +23,27 @@ def _floats(values: list[float | None], null: float) -> torch.Tensor:
     return torch.tensor([null if v is None else v for v in values], dtype=torch.float64)
 
 
-def _save(fig: plt.Figure, path: Path, dpi: int = 120) -> Path:
+# Written into every PNG's `Software` field: a later report replaces only files that carry it.
+MARK = "mamlrun"
+
+
+def _save(fig: plt.Figure, path: Path, dpi: int = 120, description: str = "") -> Path:
     fig.tight_layout()
-    fig.savefig(path, dpi=dpi)
+    metadata = {"Software": MARK, **({"Description": description} if description else {})}
+    fig.savefig(path, dpi=dpi, metadata=metadata)
     plt.close(fig)
     return path
+
+
+def written_by_mamlrun(path: Path) -> bool:
+    """Whether the PNG at `path` carries mamlrun's mark (anything else is someone's file)."""
+    from PIL import Image  # matplotlib's own dependency
+
+    try:
+        with Image.open(path) as image:
+            return image.info.get("Software") == MARK
+    except (OSError, ValueError):
+        return False
 
 
 def learning_curves(rows: list[dict[str, Any]], metric: str, path: Path) -> Path:
@@ -119,24 +135,38 @@ def adaptation_comparison(
     as crosses in the same color (paper Figure 3: MAML against the pretrained baseline).
 
     Args:
-        curves: label -> eval.json statistics of one setting (`mean`, `ci95` per step).
+        curves: label -> eval.json statistics of one setting (`mean`, `ci95`, `median` per
+            step); for several seeds `mean` over seeds, no `ci95`, and `seeds`: each seed's mean.
         references: label -> (steps, values) the paper reports for that run.
     """
     fig, ax = plt.subplots(figsize=(6, 4))
     for label, stats in curves.items():
         # eval.json's nulls: a diverged mean or median as +inf (as the median counts it), a CI nan
-        mean, ci = _floats(stats["mean"], math.inf), _floats(stats["ci95"], math.nan)
+        mean = _floats(stats["mean"], math.inf)
         steps = torch.arange(len(mean))
-        (line,) = ax.plot(steps, mean, marker="o", label=f"{label} (mamlrun mean)")
-        low = mean - ci if metric != "mse" else (mean - ci).clamp_min(float(mean.min()) / 4)
-        ax.fill_between(steps, low, mean + ci, alpha=0.2, color=line.get_color())
+        over = " over seeds" if "seeds" in stats else ""
+        (line,) = ax.plot(steps, mean, marker="o", label=f"{label} (mamlrun mean{over})")
+        if "ci95" in stats:
+            ci = _floats(stats["ci95"], math.nan)
+            low = mean - ci if metric != "mse" else (mean - ci).clamp_min(float(mean.min()) / 4)
+            ax.fill_between(steps, low, mean + ci, alpha=0.2, color=line.get_color())
+        for index, seed in enumerate(stats.get("seeds", [])):  # each seed's mean, thin
+            name = f"{label} (each seed)" if index == 0 else None
+            ax.plot(
+                steps,
+                _floats(seed, math.inf),
+                lw=0.8,
+                alpha=0.4,
+                color=line.get_color(),
+                label=name,
+            )
         if "median" in stats:  # a few diverging tasks can dominate the mean: show both
             ax.plot(
                 steps,
                 _floats(stats["median"], math.inf),
                 "--",
                 color=line.get_color(),
-                label=f"{label} (mamlrun median)",
+                label=f"{label} (mamlrun median{over})",
             )
         if label in references:
             ref_steps, values = references[label]
@@ -163,3 +193,68 @@ def _drawable_on_log_scale(curves: dict[str, dict[str, list]]) -> bool:
         v for stats in curves.values() for key in ("mean", "median") for v in stats.get(key, [])
     ]
     return any(v is not None and math.isfinite(v) and v > 0 for v in values)
+
+
+def _numbers(values: list[str]) -> list[float] | None:
+    """The values as numbers, if every one is (`0.01`, `1e-3`, `5`); None for categories."""
+    try:
+        numbers = [float(v) for v in values]
+    except ValueError:
+        return None
+    return numbers if all(math.isfinite(n) for n in numbers) else None
+
+
+def _positions(ax: plt.Axes, values: list[str]) -> list[float]:
+    """x positions of a key's values: numbers on a numeric axis (logarithmic where positive and
+    spread over two decades, as learning rates are), anything else as categories in sorted order."""
+    numbers = _numbers(values)
+    if numbers is not None:
+        if min(numbers) > 0 and max(numbers) / min(numbers) >= 100:
+            ax.set_xscale("log")
+        ax.margins(x=0.15)
+        return numbers
+    categories = sorted(set(values))
+    ax.set_xticks(range(len(categories)), categories, rotation=20 if len(categories) > 4 else 0)
+    ax.set_xlim(-0.5, len(categories) - 0.5)
+    return [float(categories.index(v)) for v in values]
+
+
+def sweep_plot(panels: dict[str, list[tuple[str, list[float]]]], ylabel: str, path: Path) -> Path:
+    """The objective against each swept key, one panel per key (sharing the y axis): every
+    seed's value as a dot, the seeds' range as a line, the mean over seeds as a diamond, and a
+    seed whose value is infinite (its test tasks diverged) as a red triangle above the frame.
+
+    Args:
+        panels: key -> one (the key's value as written, each seed's objective) per configuration.
+        ylabel: what the objective is, and its direction.
+    """
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.6), squeeze=False)
+    finite = [v for points in panels.values() for _, vs in points for v in vs if math.isfinite(v)]
+    log_y = bool(finite) and min(finite) > 0 and max(finite) / min(finite) >= 30
+    for ax, (key, points) in zip(axes[0], panels.items(), strict=True):
+        xs = _positions(ax, [value for value, _ in points])
+        for x, (_, values) in zip(xs, points, strict=True):
+            good = [v for v in values if math.isfinite(v)]
+            ax.scatter([x] * len(good), good, s=16, alpha=0.6, color="C0", label="each seed")
+            if good:
+                ax.vlines(x, min(good), max(good), color="C0", alpha=0.4)
+            if len(good) == len(values) and good:
+                ax.scatter([x], [sum(good) / len(good)], marker="D", color="C1", label="mean")
+            bad = len(values) - len(good)
+            if bad:  # above the frame, in axes coordinates: infinity has no place on the axis
+                ax.scatter(
+                    [x] * bad,
+                    [1.03] * bad,
+                    marker="^",
+                    color="red",
+                    clip_on=False,
+                    transform=ax.get_xaxis_transform(),
+                    label="diverged (inf)",
+                )
+        if log_y:
+            ax.set_yscale("log")
+        ax.set(xlabel=key, ylabel=ylabel if ax is axes[0][0] else None)
+        ax.grid(alpha=0.3)
+    handles = dict(zip(*reversed(axes[0][0].get_legend_handles_labels()), strict=True))
+    axes[0][0].legend(handles.values(), handles.keys(), fontsize=7)
+    return _save(fig, path, description=f"objective against: {', '.join(panels)}")
