@@ -49,8 +49,8 @@ cluster-env:  ## the line that points SLURM's commands at it: eval "$(make -s cl
 	@bash scripts/cluster.sh env
 
 lint:  ## ruff check and format check
-	$(BIN)/ruff check mamlrun tests
-	$(BIN)/ruff format --check mamlrun tests
+	$(BIN)/ruff check mamlrun hydra_plugins tests
+	$(BIN)/ruff format --check mamlrun hydra_plugins tests
 
 clean:  ## remove caches and the venv (outputs/ is kept)
 	rm -rf $(VENV) .pytest_cache .ruff_cache build *.egg-info mamlrun/__pycache__ tests/__pycache__

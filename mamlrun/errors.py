@@ -12,7 +12,9 @@ class ConfigError(UserError):
     """A config value mamlrun cannot run with. The message names the key and the fix."""
 
 
-def fail(command: str, message: str) -> NoReturn:
-    """End the command with one line on stderr and exit status 2 (bad input, not a bug)."""
-    print(f"mamlrun {command}: error: {message}", file=sys.stderr)
-    raise SystemExit(2)
+def fail(command: str, message: str, exit_code: int = 2) -> NoReturn:
+    """End the command with one line on stderr and exit status 2 (bad input, not a bug), or
+    `exit_code` (128 + signal for a run a signal stopped)."""
+    kind = "error: " if exit_code == 2 else ""
+    print(f"mamlrun {command}: {kind}{message}", file=sys.stderr)
+    raise SystemExit(exit_code)

@@ -104,7 +104,11 @@ def main(argv: list[str] | None = None) -> None:
             file=sys.stderr,
         )
         raise SystemExit(2)
-    COMMANDS[command][1](rest)
+    try:
+        COMMANDS[command][1](rest)
+    except KeyboardInterrupt:  # a second Ctrl-C (the first stops training cleanly)
+        print(f"mamlrun {command}: aborted (KeyboardInterrupt)", file=sys.stderr)
+        raise SystemExit(130) from None
 
 
 if __name__ == "__main__":

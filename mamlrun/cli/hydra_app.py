@@ -27,11 +27,13 @@ def _config_path() -> str:
 def _hydra_command(config_name: str, task: Callable) -> Callable[[], None]:
     """A zero-argument entry point running `task(cfg)` under `@hydra.main`.
 
-    A UserError is one readable line and exit status 2. In a `-m` sweep it ends only its own job:
-    the job returns NaN (sweepers such as Optuna record a failed trial), the other jobs run, and
-    the command exits 2 at the end, naming the jobs that failed.
+    A UserError is one readable line and exit status 2 (128 + the signal for a run stopped by
+    one). In a `-m` sweep it ends only its own job: the job returns a `FailedJob` (NaN: sweepers
+    such as Optuna record a failed trial), the other jobs run, and the command exits non-zero at
+    the end, naming the jobs that failed. A job stopped by a signal outside a worker pool ends its
+    process instead: the rest of a sequential sweep should not start, and a SLURM job must leave
+    no result behind, so that its requeued run continues it.
     """
-    failed_jobs: list[str] = []
 
     def task_function(cfg):
         try:
@@ -39,31 +41,48 @@ def _hydra_command(config_name: str, task: Callable) -> Callable[[], None]:
         except UserError as err:
             from hydra.core.hydra_config import HydraConfig
 
-            job = HydraConfig.get()
+            from mamlrun.cli.launchers import FAILURES, FailedJob, runs_in_worker_pool
+
+            job, code = HydraConfig.get(), getattr(err, "exit_code", 2)
             if job.mode.name != "MULTIRUN":
-                fail(config_name, str(err))
+                fail(config_name, str(err), code)
             overrides = " ".join(job.overrides.task)
-            print(
-                f"mamlrun {config_name}: error in job {job.job.num} ({overrides}): {err}",
-                file=sys.stderr,
-            )
-            failed_jobs.append(str(job.job.num))
-            return float("nan")
+            line = f"error in job {job.job.num} ({overrides}): {err}"
+            if code != 2 and not runs_in_worker_pool(job.launcher._target_):
+                fail(config_name, line, code)
+            print(f"mamlrun {config_name}: {line}", file=sys.stderr)
+            FAILURES[job.job.num] = FailedJob(job.job.num, str(err), code)
+            return FAILURES[job.job.num]
 
     def entry() -> None:
         import hydra
 
+        from mamlrun.cli.launchers import FAILURES
+
+        _register_launchers()
         app = hydra.main(config_path=_config_path(), config_name=config_name, version_base="1.3")
         with _hydra_errors_as_one_line(config_name):
             app(task_function)()
-        if failed_jobs:
+        if FAILURES:
+            numbers = ", ".join(str(num) for num in sorted(FAILURES))
             fail(
                 config_name,
-                f"sweep job(s) {', '.join(failed_jobs)} failed (see their lines above); the "
-                "other jobs finished",
+                f"sweep job(s) {numbers} failed (see their lines above); the other jobs finished",
+                max(job.exit_code for job in FAILURES.values()),
             )
 
     return entry
+
+
+def _register_launchers() -> None:
+    """mamlrun's launchers (`hydra/launcher=parallel|slurm`). Hydra finds plugins by walking the
+    `hydra_plugins` package on disk, which misses an editable install's (`make install`)."""
+    from hydra.core.plugins import Plugins
+
+    from hydra_plugins.mamlrun_launchers import mamlrun_launchers
+
+    for launcher in (mamlrun_launchers.ParallelLauncher, mamlrun_launchers.SlurmLauncher):
+        Plugins.instance().register(launcher)
 
 
 @contextlib.contextmanager
@@ -168,7 +187,8 @@ def _resume_overrides(args: list[str]) -> list[str]:
     # Only these two are read here: Hydra itself reports any other argument it cannot parse.
     given = parse_overrides([a for a in args if a.startswith(("resume=", "hydra.run.dir="))])
     resume = [o.value_text for o in given if o.key == "resume"]
-    if not resume or resume[-1] in ("", "null") or any(o.key == "hydra.run.dir" for o in given):
+    run_dir_given = any(o.key == "hydra.run.dir" for o in given)
+    if not resume or resume[-1] in ("", "null", "auto") or run_dir_given:
         return []
     target = Path(resume[-1]).expanduser()
     if target.is_file():

@@ -15,12 +15,15 @@ truncated `last.pt`. One `mamlrun train` at a time holds a run directory (`hold`
 from __future__ import annotations
 
 import contextlib
+import datetime
 import fcntl
 import io
+import json
 import os
 import pickle
 import random
 import re
+import socket
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -41,6 +44,7 @@ CONFIG, OVERRIDES = "config.yaml", "overrides.yaml"  # in .hydra/: the composed 
 LEARNING_CURVES = "learning_curves.png"
 ADAPTATION = "adaptation.png"
 SINUSOID_FITS = "sinusoid_fits.png"
+JOB = "job.json"  # who ran the run, per attempt: host, pid, threads, SLURM job, start iteration
 LOCK = ".mamlrun.lock"  # held (flock) by the `mamlrun train` writing the run; holds its pid
 
 
@@ -296,3 +300,30 @@ def remove_temporaries(run_dir: Path) -> list[Path]:
     for path in left:
         path.unlink(missing_ok=True)
     return left
+
+
+def record_attempt(run_dir: Path, start_iteration: int, threads: int) -> None:
+    """Add this process to `job.json`'s attempts (a fresh run starts the list anew): where each
+    attempt ran and, in a SLURM job, its job id and restart count, so a requeued job's history is
+    in the run directory. A damaged record is replaced: it is information, not state."""
+    path = run_dir / JOB
+    attempts: list[Any] = []
+    if start_iteration > 0 and path.is_file():
+        with contextlib.suppress(ValueError, AttributeError, OSError):
+            attempts = list(json.loads(path.read_text())["attempts"])
+    slurm = None
+    if "SLURM_JOB_ID" in os.environ:
+        keys = ("job_id", "array_job_id", "array_task_id", "restart_count")
+        slurm = {key: os.environ.get(f"SLURM_{key.upper()}") for key in keys}
+    attempts.append(
+        {
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
+            "started": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+            "start_iteration": start_iteration,
+            "threads": threads,
+            "slurm": slurm,
+        }
+    )
+    text = json.dumps({"attempts": attempts}, indent=2) + "\n"
+    write_atomically(path, lambda file: file.write(text.encode()))

@@ -44,9 +44,24 @@ def select_device(
             torch.cuda.set_device(device)
         set_cuda_precision(hardware.precision)
     keep_freed_memory()
-    torch.set_num_threads(hardware.threads or len(os.sched_getaffinity(0)))
+    torch.set_num_threads(hardware.threads or default_threads())
     torch.use_deterministic_algorithms(hardware.deterministic, warn_only=True)
     return device
+
+
+def default_threads() -> int:
+    """Intra-op threads for `hardware.threads=0`: this process's share of its cores.
+
+    The cores are SLURM's allocation in a SLURM job (`SLURM_CPUS_PER_TASK`: the node may have more
+    than the job may use), else the CPUs this process may run on; the share divides them by
+    `MAMLRUN_CONCURRENT_JOBS`, the jobs running at once, which mamlrun's sweep launchers set
+    (several processes that each take every core run many times slower than with one each).
+    """
+    cores = len(os.sched_getaffinity(0))
+    if os.environ.get("SLURM_JOB_ID") and os.environ.get("SLURM_CPUS_PER_TASK", "").isdigit():
+        cores = int(os.environ["SLURM_CPUS_PER_TASK"])
+    concurrent = os.environ.get("MAMLRUN_CONCURRENT_JOBS", "1")
+    return max(1, cores // max(1, int(concurrent) if concurrent.isdigit() else 1))
 
 
 # glibc's mallopt parameters (malloc.h) and the variables with which a user sets them himself.

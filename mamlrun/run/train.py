@@ -9,6 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import torch
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
@@ -18,7 +19,10 @@ from mamlrun.config.validate import validate
 from mamlrun.errors import ConfigError
 from mamlrun.run import rundir
 from mamlrun.run.build import refuse_untrusted_targets
+from mamlrun.run.interrupt import Interrupted
 from mamlrun.run.trainer import Trainer
+
+AUTO = "auto"  # resume=auto: continue the run directory's own last.pt, if it holds one
 
 # Keys a resumed run takes from the command line; everything else comes from the checkpoint.
 RESUMABLE_SECTIONS = (
@@ -42,24 +46,72 @@ def run_train(cfg: DictConfig) -> float:
     config = validate(cfg)
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     resume_from = None
-    if config.resume:
+    if config.resume and config.resume != AUTO:
         resume_from = rundir.resolve(config.resume, prefer=rundir.LAST)
         run_dir = rundir.run_dir_of(resume_from)
     with rundir.hold(run_dir):
         rundir.remove_temporaries(run_dir)  # left by a run killed mid-write: never complete
-        return _train(cfg, config, run_dir, resume_from)
+        if config.resume != AUTO:
+            payload = rundir.load(resume_from) if resume_from is not None else None
+            if payload is not None:
+                refuse_untrusted_targets(payload["config"], config.trust_model_target, resume_from)
+                cfg = _resumed_config(cfg, payload["config"])
+                config = validate(cfg)
+        else:
+            payload = _auto_resume(cfg, run_dir)
+            if payload is not None and _finished(payload, config, run_dir):
+                console.info(f"already finished: {run_dir} (resume=null trains it again)")
+                return (payload["best"] or {}).get("value", float("nan"))
+        return _train(cfg, config, run_dir, payload)
 
 
-def _train(cfg: DictConfig, config, run_dir: Path, resume_from: Path | None) -> float:
-    payload = None
-    if resume_from is not None:
-        payload = rundir.load(resume_from)
-        refuse_untrusted_targets(payload["config"], config.trust_model_target, resume_from)
-        cfg = _resumed_config(cfg, payload["config"])
-        config = validate(cfg)
+def _auto_resume(cfg: DictConfig, run_dir: Path) -> dict[str, Any] | None:
+    """`resume=auto`: the run's `last.pt` when the directory holds one, else None (a new run).
+
+    Raises:
+        ConfigError: the checkpoint is of another run (a setting outside the run control of
+            `RESUMABLE_SECTIONS` differs); the directory is left as it is.
+    """
+    last = rundir.checkpoint_path(run_dir, rundir.LAST)
+    if not last.is_file():
+        return None
+    payload = rundir.load(last)
+    ours, theirs = _defining(to_container(cfg)), _defining(payload["config"])
+    if ours != theirs:
+        key = next(k for k in sorted({*ours, *theirs}) if ours.get(k) != theirs.get(k))
+        raise ConfigError(
+            f"{last}: a checkpoint of another run ({key}={theirs.get(key)!r} there, "
+            f"{ours.get(key)!r} here); continue that run with resume={run_dir}, train this one "
+            "in another hydra.run.dir, or overwrite it with resume=null"
+        )
+    console.info(f"resume=auto: {last} is of this run")
+    return payload
+
+
+def _defining(record: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """The settings that make a run what it is, flattened: all but `RESUMABLE_SECTIONS`."""
+    flat: dict[str, Any] = {}
+    for key, value in record.items():
+        if not prefix and key in (*RESUMABLE_SECTIONS, "hydra"):
+            continue
+        if isinstance(value, dict):
+            flat.update(_defining(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def _finished(payload: dict[str, Any], config, run_dir: Path) -> bool:
+    """Trained to the end and evaluated (or evaluation is off): nothing is left to do."""
+    trained = payload["iteration"] >= config.train.iterations
+    return trained and (not config.train.eval_at_end or (run_dir / rundir.EVAL).is_file())
+
+
+def _train(cfg: DictConfig, config, run_dir: Path, payload: dict[str, Any] | None) -> float:
     record = to_container(cfg)
     record.pop("hydra", None)
     trainer = Trainer(config, run_dir, record, payload)
+    rundir.record_attempt(run_dir, trainer.start, threads=torch.get_num_threads())
     exit_code = 1
     try:
         trainer.fit()
@@ -69,11 +121,19 @@ def _train(cfg: DictConfig, config, run_dir: Path, resume_from: Path | None) -> 
         exit_code = 0
         console.info(f"done: {run_dir}")
         return trainer.best["value"] if trainer.best else float("nan")
+    except Interrupted as stop:
+        trainer.tracker.finish(stop.exit_code)
+        exit_code = None  # finished above: the chained handler (submitit's requeue) may exit
+        stop.chain()
+        raise
     except KeyboardInterrupt:
-        console.info(f"interrupted; continue with: mamlrun train resume={run_dir}")
+        console.info(
+            f"aborted; continue from the last checkpoint with: mamlrun train resume={run_dir}"
+        )
         raise
     finally:
-        trainer.tracker.finish(exit_code)
+        if exit_code is not None:
+            trainer.tracker.finish(exit_code)
 
 
 def _resumed_config(cfg: DictConfig, checkpoint_config: dict[str, Any]) -> DictConfig:

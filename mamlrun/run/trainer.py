@@ -4,9 +4,10 @@ One iteration: draw a meta-batch of tasks, let the engine adapt to each task and
 meta-gradient of the query loss, clip it if asked, take an outer optimizer step (`MetaStep`).
 Around that: logging every `train.log_every` iterations, validation on a fixed set of held-out
 tasks every `train.val_every`, `checkpoints/last.pt` every `train.checkpoint_every` and
-`checkpoints/best.pt` whenever validation improves. A checkpoint carries every RNG state and the
-sampler state, so `resume=` continues exactly where the run stopped (identical parameters and
-metrics on the CPU).
+`checkpoints/best.pt` whenever validation improves. SIGINT, SIGTERM or SIGUSR2 end the loop after
+the iteration it is in, with `last.pt` written for that iteration (`mamlrun.run.interrupt`). A
+checkpoint carries every RNG state and the sampler state, so `resume=` continues exactly where the
+run stopped (identical parameters and metrics on the CPU).
 
 A step with a non-finite meta-loss or meta-gradient is never applied (`MetaStep`); with
 `train.on_nonfinite=stop` the run ends with a `UserError` naming that iteration and the last good
@@ -40,6 +41,7 @@ from mamlrun.run.build import (
     model_for,
     task_sampler,
 )
+from mamlrun.run.interrupt import StopRequests
 from mamlrun.run.runtime import seed_everything, select_device
 from mamlrun.run.tracking import MetricsFile, make_tracker, prefixed, read_metrics
 
@@ -135,7 +137,7 @@ class Trainer:
         loop, started = self.config.train, time.perf_counter()
         stops, every_step = loop.on_nonfinite == "stop", self.device.type == "cpu"
         bar = console.progress()
-        with bar:
+        with bar, StopRequests() as stop:
             task = bar.add_task(
                 "train", total=loop.iterations, completed=self.start, speed="", losses=""
             )
@@ -154,9 +156,12 @@ class Trainer:
                     self._log(iteration, started, bar, task)
                 if validated:
                     self._validate(iteration)
-                if saved:
+                if saved or stop.signum is not None:
                     self._checkpoint(rundir.LAST, iteration)
                 bar.update(task, completed=iteration)
+                if stop.signum is not None:
+                    self.seconds = time.perf_counter() - started
+                    raise stop.interrupted(iteration, str(self.last_good[0]), str(self.run_dir))
         self.seconds = time.perf_counter() - started
 
     def _step(self, logged: bool) -> None:
