@@ -55,13 +55,15 @@ answers() {  # the controller answers and the node is up
 }
 
 write_conf() {
-  local port detected
+  local port detected cpus memory
   # Two ports from the folder's path: a second checkout's cluster (or a system SLURM on the
   # default 6817/6818) does not collide with this one.
   port=$((20000 + $(printf %s "$DIR" | cksum | cut -d' ' -f1) % 10000 * 2))
   # The node as slurmd itself detects it (CPUs, sockets, cores, threads, memory): a node that
   # claims more than slurmd finds is drained.
   detected="$(slurmd -C | head -n 1 | sed "s/^NodeName=[^ ]*/NodeName=$NODE NodeAddr=127.0.0.1/")"
+  cpus="$(sed -n 's/.* CPUs=\([0-9]*\).*/\1/p' <<< "$detected")"
+  memory="$(sed -n 's/.* RealMemory=\([0-9]*\).*/\1/p' <<< "$detected")"
   cat > "$CONF" << EOF
 # Written by scripts/cluster.sh up (rewritten at every start): a single-node cluster on localhost.
 ClusterName=mamlrun
@@ -78,7 +80,8 @@ SlurmctldPidFile=$DIR/slurmctld.pid
 SlurmdPidFile=$DIR/slurmd.pid
 SlurmctldLogFile=$DIR/log/slurmctld.log
 SlurmdLogFile=$DIR/log/slurmd.log
-# No cgroups needed (containers, machines without systemd).
+# No cgroups needed (containers, machines without systemd); task/affinity binds each job to its
+# CPUs (sched_setaffinity), as a real cluster does.
 ProctrackType=proctrack/linuxproc
 TaskPlugin=task/affinity
 JobAcctGatherType=jobacct_gather/none
@@ -89,7 +92,8 @@ MpiDefault=none
 MailProg=/bin/true
 SelectType=select/cons_tres
 SelectTypeParameters=CR_CPU_Memory
-DefMemPerCPU=$(($(sed -n 's/.*RealMemory=\([0-9]*\).*/\1/p' <<< "$detected") / $(sed -n 's/.*CPUs=\([0-9]*\).*/\1/p' <<< "$detected")))
+# A job that asks for no memory gets its CPUs' share of it, not the whole node (one job at a time).
+DefMemPerCPU=$((memory / cpus))
 SchedulerType=sched/backfill
 # A job that waited (a requeued one, for its begin time) starts at the next pass of the main
 # scheduling loop: every second here, not SLURM's 60 s.
@@ -102,7 +106,6 @@ EnforcePartLimits=ALL
 ReturnToService=2
 # Finished jobs stay visible to squeue this long (the launcher reads their final state there).
 MinJobAge=3600
-KillWait=10
 $detected State=UNKNOWN
 PartitionName=$PARTITION Nodes=ALL Default=YES MaxTime=INFINITE State=UP
 EOF
@@ -121,12 +124,17 @@ start_munge() {
 }
 
 wait_for_node() {
-  local state="" tries
-  for tries in $(seq 60); do
+  local state="" resumed=""
+  for _ in $(seq 60); do
     state="$(sinfo --noheader --nodes="$NODE" --format=%t 2> /dev/null || true)"
     case "$state" in
       idle | mix | alloc) return ;;
-      drain* | inval* | fail*) break ;;
+      drain* | down*)  # as an earlier session left it (a job that would not end): resume once
+        [ -n "$resumed" ] && break
+        scontrol update nodename="$NODE" state=resume > /dev/null 2>&1 || true
+        resumed=1
+        ;;
+      inval* | fail*) break ;;
     esac
     sleep 0.5
   done
@@ -148,7 +156,6 @@ up() {
   alive "$DIR/slurmctld.pid" || slurmctld -f "$CONF" || die "slurmctld did not start; see $DIR/log/slurmctld.log"
   alive "$DIR/slurmd.pid" || slurmd -f "$CONF" -N "$NODE" || die "slurmd did not start; see $DIR/log/slurmd.log"
   wait_for_node
-  scontrol update nodename="$NODE" state=resume > /dev/null 2>&1 || true
   say "up: node $NODE ($(sinfo --noheader --format='%c CPUs, %m MB')), partition $PARTITION"
   say "clients: export SLURM_CONF=$CONF   (or: eval \"\$(make -s cluster-env)\")"
 }
@@ -166,8 +173,9 @@ stop() {  # stop PIDFILE NAME: wait for the daemon to exit, then kill it
 
 down() {
   if alive "$DIR/slurmctld.pid"; then
-    scancel --full --quiet --partition="$PARTITION" 2> /dev/null || true
-    # Give cancelled jobs until KillWait to end, then stop the controller and the node's slurmd.
+    scancel --quiet --partition="$PARTITION" 2> /dev/null || true
+    # Cancelled jobs get SIGTERM (a mamlrun job writes its checkpoint) and some seconds to end;
+    # then the controller and the node's slurmd stop.
     for _ in $(seq 40); do
       [ -z "$(squeue --noheader --states=running,completing 2> /dev/null)" ] && break
       sleep 0.25

@@ -62,7 +62,8 @@ def _unreachable(conf: str) -> str | None:
     except subprocess.TimeoutExpired:
         return f"sinfo with SLURM_CONF={conf} did not answer"
     if answer.returncode != 0:
-        return f"sinfo with SLURM_CONF={conf}: {answer.stderr.strip().splitlines()[-1:]}"
+        said = answer.stderr.strip().splitlines() or [f"exit status {answer.returncode}"]
+        return f"sinfo with SLURM_CONF={conf}: {said[-1]}"
     states = set(answer.stdout.split())
     if not states & {"idle", "mix", "alloc"}:
         return f"no node of SLURM_CONF={conf} takes jobs (node states: {sorted(states)})"
