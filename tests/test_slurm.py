@@ -1,6 +1,7 @@
 """Sweeps on a real SLURM cluster through `hydra/launcher=slurm`: submitted with sbatch, their jobs'
 SLURM ids in the run directories, requeued jobs that continue from their checkpoint to the weights
-of an undisturbed run, and the one-line ends of a refused sweep and of a cancelled job.
+of an undisturbed run, and the one-line ends of a refused sweep, a cancelled job and a job that
+fails on its node.
 
 `make cluster-up` starts the cluster these tests use (scripts/cluster.sh: slurmctld, slurmd and
 munge on this machine); SLURM_CONF, where set, names another. Without a cluster the tests are
@@ -285,3 +286,23 @@ def test_a_cancelled_job_ends_the_sweep_with_one_line_instead_of_waiting(cluster
 
 def _jobs_in(sweep: Path) -> list[str]:
     return [p.name for p in (sweep / ".submitit").iterdir() if p.name.isdigit()]
+
+
+def test_a_job_that_fails_on_its_node_is_reported_in_the_sweeps_terminal(cluster, tmp_path):
+    result = run_mamlrun(
+        "train",
+        "-m",
+        "hydra/launcher=slurm",
+        "model=conv4_omniglot",  # refused by validation on sinusoid, inside the SLURM job
+        *TINY,
+        *ONE_CPU,
+        f"hydra.sweep.dir={tmp_path / 'sweep'}",
+        cwd=tmp_path,
+        expect_ok=False,
+        timeout=300,
+    )
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert lines[-2].startswith("mamlrun train: error in job 0 (model=conv4_omniglot")
+    assert "needs an image dataset" in lines[-2]
+    assert "sweep job(s) 0 failed" in lines[-1]

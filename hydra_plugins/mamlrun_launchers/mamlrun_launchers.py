@@ -48,4 +48,5 @@ class SlurmLauncher(SubmititSlurmLauncher):
         with slurm.errors_as_one_line():
             returns = super().launch(job_overrides, initial_job_idx)
         record_failures(returns)
+        slurm.print_failed_jobs(returns)
         return returns

@@ -10,7 +10,8 @@ states from `squeue` instead, which keeps each finished job for the cluster's `M
 by default). A cluster with accounting is polled through `sacct`, as submitit does.
 
 Where SLURM refuses the sweep (no cluster here, a partition or size it cannot give) or a job ends
-without a result, the sweep ends with one line saying so instead of submitit's traceback.
+without a result, the sweep ends with one line saying so instead of submitit's traceback. A job's
+own error line, written on its node to its SLURM log, is repeated in the sweep's terminal.
 """
 
 from __future__ import annotations
@@ -18,12 +19,15 @@ from __future__ import annotations
 import contextlib
 import re
 import subprocess
-from collections.abc import Iterator
+import sys
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
+from hydra.core.utils import JobReturn
 from submitit.core.utils import FailedJobError, UncompletedJobError
 from submitit.slurm import slurm
 
+from mamlrun.cli.launchers import FailedJob
 from mamlrun.errors import UserError
 
 # squeue's poll interval at most, in seconds: well inside the default MinJobAge, so a job is not
@@ -117,3 +121,16 @@ def _ended_without_result(message: str) -> str:
         f"hydra/launcher=slurm: SLURM job {job} ended without a result (state {state}); its "
         f"logs are in {Path(result).parent}/, and the other jobs' run directories are kept"
     )
+
+
+def print_failed_jobs(returns: Sequence[JobReturn]) -> None:
+    """Each failed job's line (`mamlrun train: error in job N (overrides): why`), which the job
+    printed on its node into its SLURM log, here too: the sweep's last line points above."""
+    for job in returns:
+        if isinstance(job.return_value, FailedJob):
+            failed = job.return_value
+            overrides = " ".join(job.overrides or [])
+            print(
+                f"{sys.argv[0]}: error in job {failed.num} ({overrides}): {failed.message}",
+                file=sys.stderr,
+            )
