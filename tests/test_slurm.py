@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import MAMLRUN, run_mamlrun
+from conftest import MAMLRUN, read_jsonl, run_mamlrun
 
 pytestmark = pytest.mark.slurm
 
@@ -191,14 +191,15 @@ def _first_attempt_once_checkpointed(run_dir: Path, deadline: float) -> dict:
 def test_requeued_jobs_continue_from_their_checkpoint_to_an_undisturbed_runs_weights(
     cluster, tmp_path
 ):
-    """Two jobs of one config (they differ in eval.seed only, which training never reads): job 0
+    """Two jobs of one config (they differ in eval.tasks only, unused with eval_at_end=false): job 0
     is requeued by SLURM (`scontrol requeue`: SIGTERM, as for a preemption), job 1 gets submitit's
     time-limit signal (USR2: mamlrun checkpoints, then submitit's handler requeues the job).
-    Both must end with the weights of the same config trained without a break, here, at once."""
+    Both must end with the weights and metrics.jsonl of the same config trained without a break,
+    here, at the same time."""
     sweep, reference = tmp_path / "sweep", tmp_path / "reference"
     launcher = ["hydra/launcher=slurm", "hydra.launcher.cpus_per_task=1"]
     sweeping = _start(
-        ["train", "-m", *launcher, "eval.seed=1,2", *REQUEUED, f"hydra.sweep.dir={sweep}"],
+        ["train", "-m", *launcher, "eval.tasks=10,20", *REQUEUED, f"hydra.sweep.dir={sweep}"],
         tmp_path,
         "sweep",
     )
@@ -216,6 +217,7 @@ def test_requeued_jobs_continue_from_their_checkpoint_to_an_undisturbed_runs_wei
     assert undisturbed.wait(timeout=120) == 0, (tmp_path / "ref.log").read_text()[-3000:]
 
     final = torch.load(reference / "checkpoints/last.pt", weights_only=True)
+    metrics = read_jsonl(reference / "metrics.jsonl")
     tasks = _submitit_tasks(sweep)
     for num, first in job_ids.items():
         run = sweep / str(num)
@@ -235,6 +237,7 @@ def test_requeued_jobs_continue_from_their_checkpoint_to_an_undisturbed_runs_wei
         assert state["iteration"] == 2000
         for name, tensor in final["model"].items():
             assert torch.equal(state["model"][name], tensor), (num, name)
+        assert read_jsonl(run / "metrics.jsonl") == metrics, num
 
 
 def test_a_sweep_slurm_refuses_is_one_line(cluster, tmp_path):
