@@ -5,10 +5,11 @@ BIN    := $(VENV)/bin
 # torch/torchvision: a matching pair. 2.14.1/0.29.1 lie on local disk on the CPU machines.
 TORCH  ?= torch==2.14.1 torchvision==0.29.1
 
-.PHONY: help install test test-fast train lint clean bench gpu-check
+.PHONY: help install test test-fast train lint clean bench gpu-check cluster-up cluster-down \
+        cluster-env
 
 help:  ## list targets
-	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-10s %s\n", $$1, $$2}'
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
 
 $(BIN)/python:
 	$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 11), "mamlrun needs Python >= 3.11"'
@@ -37,6 +38,15 @@ bench:  ## benchmark meta-training throughput
 
 gpu-check:  ## on a CUDA machine: timed full Omniglot 5w1s run, GPU tests (OMNIGLOT=dir; STEPS="omniglot tests tf32 bench")
 	PYTHON=$(BIN)/python bash scripts/gpu_check.sh $(STEPS)
+
+cluster-up:  ## start a single-node SLURM cluster on this machine, state in .cluster/ (root: installs slurm-wlm, munge)
+	bash scripts/cluster.sh up
+
+cluster-down:  ## stop it, cancelling its jobs
+	bash scripts/cluster.sh down
+
+cluster-env:  ## the line that points SLURM's commands at it: eval "$(make -s cluster-env)"
+	@bash scripts/cluster.sh env
 
 lint:  ## ruff check and format check
 	$(BIN)/ruff check mamlrun hydra_plugins tests

@@ -35,11 +35,18 @@ class ParallelLauncher(JoblibLauncher):
 
 
 class SlurmLauncher(SubmititSlurmLauncher):
-    """Hydra's submitit SLURM launcher; a job's failure reason comes back to the sweep."""
+    """Hydra's submitit SLURM launcher; a job's failure reason comes back to the sweep, job states
+    come from squeue on a cluster without accounting, and SLURM's refusals are one line
+    (`mamlrun.cli.slurm`, imported here only when a sweep is launched: it imports submitit)."""
 
     def launch(
         self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int
     ) -> Sequence[JobReturn]:
-        returns = super().launch(job_overrides, initial_job_idx)
+        from mamlrun.cli import slurm
+
+        slurm.read_job_states_from_squeue_without_accounting()
+        with slurm.errors_as_one_line():
+            returns = super().launch(job_overrides, initial_job_idx)
         record_failures(returns)
+        slurm.print_failed_jobs(returns)
         return returns

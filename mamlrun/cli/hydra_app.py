@@ -112,6 +112,8 @@ def _hydra_errors_as_one_line(command: str) -> Iterator[None]:
         if full_error == "1":
             raise
         fail(command, error_line(err))
+    except UserError as err:  # a launcher's (SLURM refused the sweep); a job's: task_function
+        fail(command, str(err), getattr(err, "exit_code", 2))
     except ValueError as err:  # Hydra's own flags combined wrongly (`-m --cfg job`)
         if full_error == "1" or not str(err).startswith("Only one of"):
             raise
