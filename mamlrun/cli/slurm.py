@@ -23,7 +23,7 @@ import sys
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
-from hydra.core.utils import JobReturn
+from hydra.core.utils import JobReturn, JobStatus
 from submitit.core.utils import FailedJobError, UncompletedJobError
 from submitit.slurm import slurm
 
@@ -127,7 +127,7 @@ def print_failed_jobs(returns: Sequence[JobReturn]) -> None:
     """Each failed job's line (`mamlrun train: error in job N (overrides): why`), which the job
     printed on its node into its SLURM log, here too: the sweep's last line points above."""
     for job in returns:
-        if isinstance(job.return_value, FailedJob):
+        if job.status == JobStatus.COMPLETED and isinstance(job.return_value, FailedJob):
             failed = job.return_value
             overrides = " ".join(job.overrides or [])
             print(

@@ -35,12 +35,17 @@ class Interrupted(UserError):
     def exit_code(self) -> int:
         return 128 + self.signum
 
-    def chain(self) -> None:
-        """Call the handler the signal had before the run (submitit's requeue), if it had one
-        of its own: Python's Ctrl-C handler and the defaults are what this run replaced."""
+    @property
+    def chains(self) -> bool:
+        """The signal had a handler of its own before the run (submitit's, in a SLURM job):
+        Python's Ctrl-C handler and the defaults are only what the run replaced."""
         previous = self.previous
-        if callable(previous) and previous is not signal.default_int_handler:
-            previous(self.signum, None)
+        return callable(previous) and previous is not signal.default_int_handler
+
+    def chain(self) -> None:
+        """Call that handler (submitit's SIGUSR2 handler requeues the job and exits)."""
+        if self.chains:
+            self.previous(self.signum, None)
 
 
 class StopRequests:

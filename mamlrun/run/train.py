@@ -124,7 +124,9 @@ def _train(cfg: DictConfig, config, run_dir: Path, payload: dict[str, Any] | Non
     except Interrupted as stop:
         trainer.tracker.finish(stop.exit_code)
         exit_code = None  # finished above: the chained handler (submitit's requeue) may exit
-        stop.chain()
+        if stop.chains:  # it may end the process: the line is printed here, not at the top
+            console.info(f"{stop}; then the handler the job had for it (submitit: requeue)")
+            stop.chain()
         raise
     except KeyboardInterrupt:
         console.info(
