@@ -194,6 +194,12 @@ def test_a_second_train_into_a_held_run_directory_is_refused(tmp_path):
         line = _error_line(second)
         assert second.returncode == 2, second.stderr
         assert str(run_dir) in line and f"pid {first.pid}" in line, line
+        # a new run of another config into it: refused, and the run's .hydra/ files unchanged
+        hydra_files = {p.name: p.read_bytes() for p in (run_dir / ".hydra").iterdir()}
+        other = [*SHORT, "seed=5", "resume=null", f"hydra.run.dir={run_dir}"]
+        fresh = run_mamlrun("train", *other, cwd=tmp_path, expect_ok=False)
+        assert fresh.returncode == 2 and f"pid {first.pid}" in _error_line(fresh), fresh.stderr
+        assert {p.name: p.read_bytes() for p in (run_dir / ".hydra").iterdir()} == hydra_files
     finally:
         first.kill()  # SIGKILL: its lock is left behind for the kernel to release
         first.wait()

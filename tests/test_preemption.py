@@ -141,8 +141,7 @@ def test_a_second_ctrl_c_aborts_at_once(tmp_path):
 
 
 def _digest(run_dir: Path) -> dict[str, str]:
-    kept = [p for p in sorted(run_dir.rglob("*")) if p.is_file() and ".hydra" not in p.parts]
-    files = [p for p in kept if p.name != ".mamlrun.lock"]  # holds the last holder's pid
+    files = [p for p in sorted(run_dir.rglob("*")) if p.is_file() and p.name != ".mamlrun.lock"]
     return {str(p.relative_to(run_dir)): hashlib.sha256(p.read_bytes()).hexdigest() for p in files}
 
 
@@ -161,7 +160,19 @@ def test_a_finished_run_is_not_retrained_and_another_config_is_refused(uninterru
     assert len(line) == 1 and "Traceback" not in other.stderr
     assert "checkpoints/last.pt: a checkpoint of another run (algorithm.inner_lr=0.01" in line[0]
     assert "resume=null" in line[0]
-    assert _digest(uninterrupted) == before
+    assert _digest(uninterrupted) == before  # .hydra/ included: it still describes the run
+
+
+def test_resume_null_trains_anew_in_a_directory_holding_a_run(tmp_path):
+    args = ["train", *RUN, "train.iterations=100", "hydra.run.dir=run"]
+    run_mamlrun(*args, cwd=tmp_path)
+    first = (tmp_path / "run/eval.json").stat().st_mtime_ns
+    again = run_mamlrun(*args, "resume=null", "seed=4", cwd=tmp_path)
+    assert "already finished" not in again.stdout and "resuming" not in again.stdout
+    assert (tmp_path / "run/eval.json").stat().st_mtime_ns > first
+    assert "seed=4" in (tmp_path / "run/.hydra/overrides.yaml").read_text()
+    (attempt,) = json.loads((tmp_path / "run/job.json").read_text())["attempts"]
+    assert attempt["start_iteration"] == 0
 
 
 SWEEP = [*RUN[:-1], "hydra/launcher=parallel", "hydra.sweep.dir=sweep"]

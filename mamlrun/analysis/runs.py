@@ -43,6 +43,7 @@ class Run:
     evaluation: dict[str, Any] | None = None  # eval.json
     val: dict[str, Any] | None = None  # the last validation row of metrics.jsonl
     seconds: float | None = None
+    threads: int | None = None  # what its last attempt trained with (job.json)
 
     @property
     def preset(self) -> str:
@@ -114,6 +115,15 @@ def _wall_seconds(path: Path) -> float | None:
     return max(0.0, max(ends) - start.stat().st_mtime)
 
 
+def _threads(path: Path) -> int | None:
+    """The intra-op threads of the run's last attempt (`job.json`; None for runs without one)."""
+    try:
+        threads = json.loads((path / rundir.JOB).read_text())["attempts"][-1]["threads"]
+    except (OSError, ValueError, KeyError, IndexError, TypeError):
+        return None
+    return threads if isinstance(threads, int) else None
+
+
 def load_run(path: Path) -> Run:
     """Read a run directory; a missing one is a run with status `not run`."""
     path = path.resolve()
@@ -160,4 +170,5 @@ def load_run(path: Path) -> Run:
         evaluation,
         _last_val(path),
         _wall_seconds(path),
+        _threads(path),
     )

@@ -409,12 +409,16 @@ def machine() -> str:
     return f"{cpu_model()}, {os.cpu_count()} cores, torch {torch.__version__}"
 
 
+def _threads_text(threads: int | None) -> str:
+    return "all threads" if not threads else f"{threads} thread{'s' * (threads != 1)}"
+
+
 def hardware_text(runs: list[Run]) -> str:
     """What the runs asked for, and the machine the table was made on (reproduce runs there)."""
     asked = sorted(
         {
             f"{r.config['hardware'].get('device')} "
-            f"({r.config['hardware'].get('threads') or 'all'} threads)"
+            f"({_threads_text(r.config['hardware'].get('threads') or r.threads)})"
             for r in runs
             if r.config.get("hardware")
         }

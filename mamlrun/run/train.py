@@ -16,6 +16,7 @@ from omegaconf import DictConfig, OmegaConf
 from mamlrun import console
 from mamlrun.config.compose import parse_overrides, to_container
 from mamlrun.config.validate import validate
+from mamlrun.data.atomic import write_atomically
 from mamlrun.errors import ConfigError
 from mamlrun.run import rundir
 from mamlrun.run.build import refuse_untrusted_targets
@@ -62,7 +63,28 @@ def run_train(cfg: DictConfig) -> float:
             if payload is not None and _finished(payload, config, run_dir):
                 console.info(f"already finished: {run_dir} (resume=null trains it again)")
                 return (payload["best"] or {}).get("value", float("nan"))
+        if payload is None:
+            _save_hydra_files(cfg, run_dir)
         return _train(cfg, config, run_dir, payload)
+
+
+def _save_hydra_files(cfg: DictConfig, run_dir: Path) -> None:
+    """A new run's `.hydra/` (config.yaml, hydra.yaml, overrides.yaml), as Hydra writes them.
+
+    conf/train.yaml turns Hydra's own writing off (`hydra.output_subdir: null`): Hydra writes
+    them before the task starts, over the files of the run a directory already holds, even when
+    this run is then refused (the directory is in use, or holds another config's checkpoint).
+    A continued run keeps its first command's files.
+    """
+    hydra = HydraConfig.get()
+    files = {
+        rundir.CONFIG: cfg,
+        "hydra.yaml": OmegaConf.create({"hydra": OmegaConf.to_container(hydra)}),
+        rundir.OVERRIDES: OmegaConf.create(list(hydra.overrides.task)),
+    }
+    for name, value in files.items():
+        text = OmegaConf.to_yaml(value).encode()
+        write_atomically(rundir.hydra_file(run_dir, name), lambda file, text=text: file.write(text))
 
 
 def _auto_resume(cfg: DictConfig, run_dir: Path) -> dict[str, Any] | None:
