@@ -27,7 +27,7 @@ import torch
 
 from conftest import MAMLRUN, read_jsonl, run_mamlrun
 
-ITERATIONS = 1500
+ITERATIONS = 1000
 RUN = [
     "print_config=false",
     "logger=none",
@@ -89,6 +89,7 @@ def uninterrupted(tmp_path_factory) -> Path:
     return work / "run"
 
 
+# SIGUSR2 in a SLURM job, chained to submitit's requeue: tests/test_slurm.py
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM, signal.SIGUSR2])
 def test_a_signal_checkpoints_the_iteration_and_the_same_command_continues_it(
     signum, uninterrupted, tmp_path

@@ -91,7 +91,8 @@ def test_reproduce_seeds_runs_each_seed_once_and_reuses_finished_ones(tmp_path):
     first = {c: (table / "finn2017" / c / "eval.json").stat().st_mtime_ns for c in CELLS}
 
     # Three seeds: that run becomes seed0/, seeds 1 and 2 train, both cells in one multirun.
-    out = run_mamlrun("reproduce", "sinusoid", "seeds=3", *TINY, cwd=tmp_path).stdout
+    parallel = "hydra/launcher=parallel"  # the seeds' runs two at a time, as users would
+    out = run_mamlrun("reproduce", "sinusoid", "seeds=3", parallel, *TINY, cwd=tmp_path).stdout
     assert set(_plan_rows(out).values()) == {"reuse seed 0 (moves to seed0/); run seeds 1, 2"}
     assert out.count("in one Hydra multirun") == 1 and "4 run(s)" in out
     for cell in CELLS:
@@ -113,7 +114,7 @@ def test_reproduce_seeds_runs_each_seed_once_and_reuses_finished_ones(tmp_path):
     assert _stamps(table) == stamps
 
     # Four seeds: only seed 3 trains.
-    four = run_mamlrun("reproduce", "sinusoid", "seeds=4", *TINY, cwd=tmp_path).stdout
+    four = run_mamlrun("reproduce", "sinusoid", "seeds=4", parallel, *TINY, cwd=tmp_path).stdout
     assert set(_plan_rows(four).values()) == {"reuse seeds 0, 1, 2; run seed 3"}
     assert "running 2 run(s) in one Hydra multirun" in four
     assert {k: v for k, v in _stamps(table).items() if "seed3" not in k} == stamps
@@ -196,7 +197,8 @@ def _objectives(sweep: Path) -> dict[tuple[str, str], list[float]]:
 
 def test_report_aggregates_seeds_sorts_by_the_objective_and_plots_each_key(tmp_path):
     sweep = tmp_path / "sweep"
-    run_mamlrun("train", "-m", *SWEEP, f"hydra.sweep.dir={sweep}", cwd=tmp_path)
+    sweep_args = [*SWEEP, "hydra/launcher=parallel", f"hydra.sweep.dir={sweep}"]
+    run_mamlrun("train", "-m", *sweep_args, cwd=tmp_path)
     result = run_mamlrun("report", str(sweep), "--out", str(tmp_path / "out"), cwd=tmp_path)
     expected = _objectives(sweep)
     assert len(expected) == 4 and all(len(v) == 2 for v in expected.values())

@@ -44,8 +44,15 @@ def run_train(cfg: DictConfig) -> float:
     The run directory is held (`rundir.hold`) from before the checkpoint is read until the run
     ends: a second `mamlrun train` into it is refused instead of interleaving its writes.
     """
-    config = validate(cfg)
     run_dir = Path(HydraConfig.get().runtime.output_dir)
+    try:
+        config = validate(cfg)
+    except ConfigError:
+        if not rundir.hydra_file(run_dir, rundir.CONFIG).exists() and not rundir.is_run_dir(
+            run_dir
+        ):
+            _save_hydra_files(cfg, run_dir)  # a sweep's refused job: `mamlrun report` lists it
+        raise
     resume_from = None
     if config.resume and config.resume != AUTO:
         resume_from = rundir.resolve(config.resume, prefer=rundir.LAST)
