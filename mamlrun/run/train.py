@@ -48,10 +48,8 @@ def run_train(cfg: DictConfig) -> float:
     try:
         config = validate(cfg)
     except ConfigError:
-        if not rundir.hydra_file(run_dir, rundir.CONFIG).exists() and not rundir.is_run_dir(
-            run_dir
-        ):
-            _save_hydra_files(cfg, run_dir)  # a sweep's refused job: `mamlrun report` lists it
+        if not rundir.is_run_dir(run_dir):  # a sweep's refused job: `mamlrun report` lists it
+            _save_hydra_files(cfg, run_dir)
         raise
     resume_from = None
     if config.resume and config.resume != AUTO:
