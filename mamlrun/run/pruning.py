@@ -121,7 +121,9 @@ class TrialReporter:
             return None
         return cls(dict(os.environ))
 
-    def report(self, score: float, iteration: int) -> bool:
-        """Report the validation `score` at `iteration`; True when the pruner stops the run."""
+    def report(self, score: float, iteration: int, final: bool = False) -> bool:
+        """Report the validation `score` at `iteration`; True when the pruner stops the run. The
+        pruner is not asked after the `final` iteration: a run that trained its whole budget is
+        complete (stopping it then would save nothing and drop its value)."""
         self.trial.report(score, iteration)
-        return self.trial.should_prune()
+        return not final and self.trial.should_prune()

@@ -241,7 +241,8 @@ class Trainer:
         if self.best is None or sign * score > sign * self.best["value"]:
             self.best = {"value": score, "iteration": iteration}
             self._checkpoint(rundir.BEST, iteration)
-        if self.trial is not None and self.trial.report(score, iteration):
+        final = iteration == self.config.train.iterations
+        if self.trial is not None and self.trial.report(score, iteration, final):
             self.pruned_at = iteration
 
     def _checkpoint(self, name: str, iteration: int) -> None:
