@@ -96,9 +96,13 @@ class TrialRunner:
     def environment(self, trial) -> dict[str, str]:
         import json
 
+        # K trials at once on this machine share its cores; a launcher's jobs have their own
+        shared = (
+            {} if self.options.launcher else {"MAMLRUN_CONCURRENT_JOBS": str(self.options.workers)}
+        )
         return {
             **os.environ,
-            "MAMLRUN_CONCURRENT_JOBS": str(self.options.workers),
+            **shared,
             pruning.ENV_STORAGE: self.options.storage_url(),
             pruning.ENV_STUDY: str(self.options.study),
             pruning.ENV_TRIAL: str(trial._trial_id),
