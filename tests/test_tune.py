@@ -19,6 +19,7 @@ import optuna
 import pytest
 import yaml
 from optuna.trial import TrialState
+from test_slurm import _attempts, cluster  # noqa: F401 - the SLURM cluster fixture
 
 from conftest import MAMLRUN, read_jsonl, run_mamlrun
 from mamlrun.analysis.runs import PRUNED, load_run
@@ -189,3 +190,21 @@ def test_bad_search_files_are_one_line_before_any_trial(
     assert len(lines) == 1 and lines[0].startswith("mamlrun tune: error: ") and expected in lines[0]
     assert str(search) in lines[0]
     assert not (tmp_path / "outputs").exists()  # no study, no trial
+
+
+@pytest.mark.slurm
+@pytest.mark.usefixtures("cluster")
+def test_trials_as_slurm_jobs_report_to_the_study(tmp_path):
+    """hydra/launcher=slurm on the tune command line: each trial is a SLURM job (its job.json
+    names the job) that reports its validation curve to the study from the node."""
+    search = write_search(tmp_path)
+    launcher = ["hydra/launcher=slurm", "hydra.launcher.cpus_per_task=1"]
+    run_mamlrun(*tune_args(search, "sl", trials=3, workers=2), *launcher, cwd=tmp_path)
+    trials = finished(load(tmp_path, "sl"))
+    assert len(trials) == 3
+    for trial in trials:
+        attempt = _attempts(Path(trial.user_attrs["run_dir"]))[-1]
+        assert attempt["slurm"] and attempt["slurm"]["job_id"]
+        rows = read_jsonl(Path(trial.user_attrs["run_dir"]) / rundir.METRICS)
+        validations = [r["iteration"] for r in rows if r["split"] == "val"]
+        assert sorted(trial.intermediate_values) == validations
