@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from mamlrun.errors import UserError
 
-USAGE = __doc__.split("\n\n")[0]
+USAGE = " ".join(__doc__.split("\n\n")[0].split()).strip("`.").replace("`", "")
 TUNE_KEYS = {"trials", "workers", "storage", "study"}
 
 
