@@ -26,6 +26,7 @@ from mamlrun.run.tracking import read_metrics
 FINISHED = "finished"
 NOT_EVALUATED = "not evaluated"  # trained to the end, no eval.json (e.g. train.eval_at_end=false)
 UNFINISHED = "unfinished"  # a checkpoint before the last iteration: `mamlrun train resume=<dir>`
+PRUNED = "pruned"  # a `mamlrun tune` trial its pruner stopped early (job.json), not a failure
 FAILED = "failed"  # neither a checkpoint nor eval.json: the job raised (or has just started)
 NOT_RUN = "not run"  # the directory does not exist
 
@@ -154,6 +155,8 @@ def load_run(path: Path) -> Run:
     iterations = _planned_iterations(config) if config else None
     if evaluation is not None:
         status = FINISHED
+    elif rundir.last_outcome(path).get("outcome") == PRUNED:
+        status = PRUNED
     elif iteration is None:
         status = FAILED
     elif iterations is not None and iteration < iterations:

@@ -26,6 +26,7 @@ EXAMPLES = textwrap.dedent(
       $ mamlrun train --cfg job                         # print the composed config and exit
       $ mamlrun data verify dataset=omniglot dataset.root=data/omniglot
       $ mamlrun train dataset=omniglot                  # the paper's 5-way 1-shot Omniglot
+      $ mamlrun tune search=sinusoid tune.workers=2     # Optuna study, outputs/tune/sinusoid/
     """
 )
 
@@ -69,8 +70,12 @@ COMMANDS: dict[str, tuple[str, Callable[[list[str]], None]]] = {
         "rerun a paper table and compare: reproduce {omniglot,miniimagenet,sinusoid,all} [seeds=N]",
         _plain_command("reproduce", "mamlrun.cli.reproduce", "run_reproduce"),
     ),
+    "tune": (
+        "hyperparameter search with Optuna: tune search=<name> [tune.trials=N tune.workers=K]",
+        _plain_command("tune", "mamlrun.cli.tune", "run_tune"),
+    ),
     "report": (
-        "tables from finished runs: report <multirun dir | run dirs...> [--out DIR]",
+        "tables from finished runs: report <multirun dir | run dirs... | tune study> [--out DIR]",
         _plain_command("report", "mamlrun.cli.report", "run_report"),
     ),
     "checkpoint": (

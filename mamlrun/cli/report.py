@@ -36,6 +36,17 @@ def _plot_only(tables: Tables, paths: list[Path]) -> list[Path]:
     return [plot] if plot else []
 
 
+def _report_study(study_dir: Path, out: Path | None) -> list[Path]:
+    """A `mamlrun tune` study directory: its trials, best trial and plots from its storage."""
+    from mamlrun.analysis import tune_report
+
+    record = tune_report.read_record(study_dir)
+    study = tune_report.load_recorded_study(record)
+    target = out or study_dir
+    target.mkdir(parents=True, exist_ok=True)
+    return tune_report.write_results(study, target, record)
+
+
 def run_report(args: list[str]) -> list[Path]:
     """`mamlrun report PATH... [--out DIR]`: print the tables; with --out, also write them."""
     parser = argparse.ArgumentParser(
@@ -49,6 +60,8 @@ def run_report(args: list[str]) -> list[Path]:
         "--out", type=Path, help="also write the tables (Markdown, CSV) and the plots here"
     )
     options = parser.parse_args(args)
+    if len(options.paths) == 1 and (options.paths[0] / "tune.json").is_file():
+        return _report_study(options.paths[0], options.out)
     if options.out is not None and is_run_dir(options.out):
         raise UserError(f"--out {options.out}: a run directory; name a directory of its own")
     runs = [load_run(p) for p in find_runs(options.paths)]

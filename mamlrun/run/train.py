@@ -21,6 +21,7 @@ from mamlrun.errors import ConfigError
 from mamlrun.run import rundir
 from mamlrun.run.build import refuse_untrusted_targets
 from mamlrun.run.interrupt import Interrupted
+from mamlrun.run.pruning import Pruned
 from mamlrun.run.trainer import Trainer
 
 AUTO = "auto"  # resume=auto: continue the run directory's own last.pt, if it holds one
@@ -147,6 +148,11 @@ def _train(cfg: DictConfig, config, run_dir: Path, payload: dict[str, Any] | Non
             trainer.evaluate()
         exit_code = 0
         console.info(f"done: {run_dir}")
+        return trainer.best["value"] if trainer.best else float("nan")
+    except Pruned as pruned:  # a trial of `mamlrun tune` stopped by its pruner: a clean end
+        rundir.record_outcome(run_dir, "pruned", pruned.iteration)
+        exit_code = 0
+        console.info(f"{pruned}; {rundir.checkpoint_path(run_dir)} holds it")
         return trainer.best["value"] if trainer.best else float("nan")
     except Interrupted as stop:
         trainer.tracker.finish(stop.exit_code)

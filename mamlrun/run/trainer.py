@@ -42,6 +42,7 @@ from mamlrun.run.build import (
     task_sampler,
 )
 from mamlrun.run.interrupt import StopRequests
+from mamlrun.run.pruning import Pruned, TrialReporter
 from mamlrun.run.runtime import seed_everything, select_device
 from mamlrun.run.tracking import MetricsFile, make_tracker, prefixed, read_metrics
 
@@ -97,6 +98,8 @@ class Trainer:
         resume_id = (payload or {}).get("wandb_id")
         self.tracker = make_tracker(config.logger, run_dir, record, resume_id=resume_id)
         self.seconds = 0.0
+        self.trial = TrialReporter.from_environment()  # a trial of `mamlrun tune`, else None
+        self.pruned_at: int | None = None
 
     def _build(self) -> None:
         """Model, engine, outer optimizer, the training sampler and the fixed validation tasks
@@ -156,9 +159,12 @@ class Trainer:
                     self._log(iteration, started, bar, task)
                 if validated:
                     self._validate(iteration)
-                if saved or stop.signum is not None:
+                if saved or stop.signum is not None or self.pruned_at is not None:
                     self._checkpoint(rundir.LAST, iteration)
                 bar.update(task, completed=iteration)
+                if self.pruned_at is not None:
+                    self.seconds = time.perf_counter() - started
+                    raise Pruned(iteration)
                 if stop.signum is not None:
                     self.seconds = time.perf_counter() - started
                     raise stop.interrupted(iteration, str(self.last_good[0]), str(self.run_dir))
@@ -225,7 +231,8 @@ class Trainer:
             console.info(f"iteration {iteration}/{total} {rate:.1f} it/s {losses}")
 
     def _validate(self, iteration: int) -> None:
-        """Validation on the fixed held-out tasks; a better score writes `best.pt`."""
+        """Validation on the fixed held-out tasks; a better score writes `best.pt`. In a trial
+        of `mamlrun tune` the score goes to the trial, whose pruner may stop the run here."""
         steps = self.config.algorithm.test_inner_steps
         val = validation_metrics(self.engine, self.val_batch, steps)
         self.tracker.log(prefixed("val", self.metrics.write(iteration, "val", val)), iteration)
@@ -234,6 +241,9 @@ class Trainer:
         if self.best is None or sign * score > sign * self.best["value"]:
             self.best = {"value": score, "iteration": iteration}
             self._checkpoint(rundir.BEST, iteration)
+        final = iteration == self.config.train.iterations
+        if self.trial is not None and self.trial.report(score, iteration, final):
+            self.pruned_at = iteration
 
     def _checkpoint(self, name: str, iteration: int) -> None:
         """Write checkpoints/<name>. Every value is data (tensors, numbers, strings, None and
