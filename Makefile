@@ -27,8 +27,8 @@ install: $(BIN)/python  ## create .venv and install mamlrun with everything it n
 	$(BIN)/python -m pip install -q -e '.[dev]'
 	$(BIN)/mamlrun --help > /dev/null && echo "mamlrun installed in $(VENV): source $(BIN)/activate"
 
-test:  ## run the test suite
-	$(BIN)/python -m pytest -q
+test:  ## run the test suite (its files spread over the cores: pytest-xdist)
+	$(BIN)/python -m pytest -q -n auto --dist loadfile
 
 train:  ## meta-train MAML on sinusoid with the paper's settings (pass ARGS="key=value ...")
 	$(BIN)/mamlrun train $(ARGS)

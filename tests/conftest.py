@@ -15,6 +15,14 @@ from torch import nn
 from mamlrun.analysis.throughput import THROUGHPUT_ENV, THROUGHPUT_FILE
 from mamlrun.maml.models import BatchStatNorm
 
+# Under pytest-xdist (`make test`) several test files run at once: each worker's mamlrun processes
+# (and torch in the worker itself) take their share of the cores, as the jobs of
+# hydra/launcher=parallel do, instead of every process taking every core.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    _WORKERS = os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")
+    os.environ.setdefault("MAMLRUN_CONCURRENT_JOBS", _WORKERS)
+    torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) // int(_WORKERS)))
+
 # The installed console script, as users run it; `python -m mamlrun` where there is none (the
 # GPU machines install mamlrun into a target folder without scripts).
 _SCRIPT = Path(sys.executable).with_name("mamlrun")

@@ -293,9 +293,10 @@ def load_weights(model: torch.nn.Module, payload: dict[str, Any], source: Path) 
 
 def remove_temporaries(run_dir: Path) -> list[Path]:
     """Delete the temporary files a killed run left while it wrote a checkpoint, eval.json or
-    metrics.jsonl (`write_atomically`'s `.<name>.<pid>.tmp`): each is an unfinished copy whose
-    complete predecessor is still in place. Call it holding the directory (`hold`)."""
-    folders = (run_dir, run_dir / CHECKPOINT_DIR)
+    metrics.jsonl, job.json or `.hydra/` (`write_atomically`'s `.<name>.<pid>.tmp`): each is an
+    unfinished copy whose complete predecessor (if any) is still in place. Call it holding the
+    directory (`hold`)."""
+    folders = (run_dir, run_dir / CHECKPOINT_DIR, run_dir / HYDRA_DIR)
     left = [path for folder in folders for path in folder.glob(".*.tmp")]
     for path in left:
         path.unlink(missing_ok=True)
