@@ -94,7 +94,7 @@ def test_study_reports_best_and_its_command_reproduces_it(tmp_path):
     for trial in pruned:  # stopped early: fewer validations logged than the budget holds
         rows = read_jsonl(Path(trial.user_attrs["run_dir"]) / rundir.METRICS)
         assert trial.user_attrs["iterations"] == rows[-1]["iteration"] < BUDGET
-        assert rundir.last_outcome(Path(trial.user_attrs["run_dir"]))["outcome"] == "pruned"
+        assert rundir.last_attempt(Path(trial.user_attrs["run_dir"]))["outcome"] == "pruned"
     assert f"{len(pruned)} pruned" in result.stderr + result.stdout
     study_dir = tmp_path / "outputs" / "tune" / "s"
     for name in ("trials.csv", "history.png", "importances.png", "slice.png"):

@@ -118,10 +118,7 @@ def _wall_seconds(path: Path) -> float | None:
 
 def _threads(path: Path) -> int | None:
     """The intra-op threads of the run's last attempt (`job.json`; None for runs without one)."""
-    try:
-        threads = json.loads((path / rundir.JOB).read_text())["attempts"][-1]["threads"]
-    except (OSError, ValueError, KeyError, IndexError, TypeError):
-        return None
+    threads = rundir.last_attempt(path).get("threads")
     return threads if isinstance(threads, int) else None
 
 
@@ -155,7 +152,7 @@ def load_run(path: Path) -> Run:
     iterations = _planned_iterations(config) if config else None
     if evaluation is not None:
         status = FINISHED
-    elif rundir.last_outcome(path).get("outcome") == PRUNED:
+    elif rundir.last_attempt(path).get("outcome") == PRUNED:
         status = PRUNED
     elif iteration is None:
         status = FAILED

@@ -134,7 +134,7 @@ class TrialRunner:
             reason = _last_line(run_dir / TRIAL_LOG)
             trial.set_user_attr("error", reason)
             raise TrialFailed(f"trial {trial.number}: exit {process.returncode}: {reason}")
-        if rundir.last_outcome(run_dir).get("outcome") == "pruned":
+        if rundir.last_attempt(run_dir).get("outcome") == "pruned":
             raise optuna.TrialPruned(f"pruned at iteration {iteration}")
         if best is None:
             raise TrialFailed(f"trial {trial.number}: no validation ran ({run_dir})")

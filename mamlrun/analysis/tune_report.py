@@ -58,7 +58,7 @@ def _threads_override(record: dict[str, Any], trial) -> list[str]:
     a CPU run's numbers depend on its thread count, and the reproducing run has no share."""
     if any(o.startswith("hardware.threads=") for o in record["train_overrides"]):
         return []
-    threads = rundir.last_outcome(Path(trial.user_attrs.get("run_dir", "."))).get("threads")
+    threads = rundir.last_attempt(Path(trial.user_attrs.get("run_dir", "."))).get("threads")
     return [f"hardware.threads={threads}"] if isinstance(threads, int) else []
 
 

@@ -326,27 +326,30 @@ def record_attempt(run_dir: Path, start_iteration: int, threads: int) -> None:
             "slurm": slurm,
         }
     )
-    text = json.dumps({"attempts": attempts}, indent=2) + "\n"
+    _write_job(path, {"attempts": attempts})
+
+
+def _write_job(path: Path, record: dict[str, Any]) -> None:
+    text = json.dumps(record, indent=2) + "\n"
     write_atomically(path, lambda file: file.write(text.encode()))
 
 
 def record_outcome(run_dir: Path, outcome: str, at_iteration: int) -> None:
     """Mark the last attempt of `job.json` with how it ended when that is not "trained to the
     end" nor a failure: `pruned` (a `mamlrun tune` trial its pruner stopped) at `at_iteration`.
-    `mamlrun tune` and `mamlrun report` read it (`last_outcome`)."""
+    `mamlrun tune` and `mamlrun report` read it (`last_attempt`)."""
     path = run_dir / JOB
     try:
         record = json.loads(path.read_text())
         record["attempts"][-1].update(outcome=outcome, at_iteration=at_iteration)
     except (OSError, ValueError, KeyError, IndexError, AttributeError, TypeError):
         return  # no record of this attempt to mark: information, not state
-    text = json.dumps(record, indent=2) + "\n"
-    write_atomically(path, lambda file: file.write(text.encode()))
+    _write_job(path, record)
 
 
-def last_outcome(run_dir: Path) -> dict[str, Any]:
-    """The last attempt of `job.json` (`outcome` is set where `record_outcome` marked it); {}
-    where there is none."""
+def last_attempt(run_dir: Path) -> dict[str, Any]:
+    """The last attempt of `job.json` (its `threads`; `outcome` where `record_outcome` marked
+    it); {} where there is none."""
     try:
         attempt = json.loads((run_dir / JOB).read_text())["attempts"][-1]
     except (OSError, ValueError, KeyError, IndexError, TypeError):
