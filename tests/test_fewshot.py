@@ -12,6 +12,7 @@ import random
 import pytest
 import torch
 
+from mamlrun.data.class_images import ClassImages
 from mamlrun.data.fewshot import ClassificationTasks, TensorClassificationTasks
 from mamlrun.errors import UserError
 from mamlrun.maml.batch import TaskBatch
@@ -156,7 +157,8 @@ def test_impossible_combinations_name_the_keys(sampler):
     with pytest.raises(UserError, match=r"^dataset.ways=30 but the test split has 20 classes$"):
         sampler(big, range(20), ways=30, shots=1, query_shots=1, split="test")
     with pytest.raises(
-        UserError, match=r"^dataset.shots \+ dataset.query_shots = 25 > 20 images per class$"
+        UserError,
+        match=r"^dataset.shots \+ dataset.query_shots = 25 > 20 images of class 0 in the split$",
     ):
         sampler(big, range(20), ways=5, shots=5, query_shots=20)
     with pytest.raises(UserError, match="dataset.shots=0"):
@@ -187,3 +189,29 @@ def test_tensor_sampler_draws_the_learn2learn_distribution():
         expected = counts.sum(1, keepdim=True) * counts.sum(0, keepdim=True) / counts.sum()
         chi2 = float(((counts - expected) ** 2 / expected).sum())
         assert chi2 < critical[counts.shape[1] - 1], (name, chi2, counts)
+
+
+def test_classes_of_different_sizes_draw_each_class_uniformly_and_only_its_own_images(sampler):
+    """A user's folder: classes of 3 to 8 images in one flat tensor (no padding). Every drawn
+    image belongs to its class, a task never repeats an image, and each class's images are drawn
+    uniformly (chi-square, p = 0.001)."""
+    counts = [3, 8, 5, 4, 6, 3]
+    per_class = [IMAGES[c, :count] for c, count in enumerate(counts)]
+    images = ClassImages.concatenated(per_class, [f"c{c}" for c in range(len(counts))])
+    assert images.images.shape[0] == sum(counts)
+    batch = sampler(images, range(len(counts)), ways=3, shots=1, query_shots=2, seed=3).sample(
+        3000
+    )
+    s_cls, s_num, _ = _decode(batch.support_x.view(3000, 3, 1, 3, SIZE, SIZE))
+    q_cls, q_num, _ = _decode(batch.query_x.view(3000, 3, 2, 3, SIZE, SIZE))
+    cls, num = torch.cat([s_cls, q_cls], dim=2), torch.cat([s_num, q_num], dim=2)
+    assert (cls == batch.classes[..., None]).all()
+    assert (num < torch.tensor(counts)[cls]).all(), "an image beyond its class's count"
+    key = cls * PER_CLASS + num
+    assert (key.sort(dim=2).values.diff(dim=2) != 0).all(), "an image twice in one class of a task"
+    for c, count in enumerate(counts):
+        drawn = num[cls == c].bincount(minlength=count).double()
+        chi2 = float(((drawn - drawn.mean()) ** 2 / drawn.mean()).sum())
+        assert chi2 < {2: 13.82, 3: 16.27, 4: 18.47, 5: 20.52, 7: 24.32}[count - 1], (c, drawn)
+    with pytest.raises(UserError, match=r"= 4 > 3 images of c5 in the train split$"):
+        sampler(images, [1, 2, 5], ways=3, shots=2, query_shots=2, split="train")

@@ -27,6 +27,8 @@ EXAMPLES = textwrap.dedent(
       $ mamlrun data verify dataset=omniglot dataset.root=data/omniglot
       $ mamlrun train dataset=omniglot                  # the paper's 5-way 1-shot Omniglot
       $ mamlrun tune search=sinusoid tune.workers=2     # Optuna study, outputs/tune/sinusoid/
+      $ mamlrun train dataset=folder dataset.root=my_images  # meta-train on your own classes
+      $ mamlrun adapt checkpoint=outputs/train/<run> support=new/ query=photos/
     """
 )
 
@@ -57,6 +59,10 @@ COMMANDS: dict[str, tuple[str, Callable[[list[str]], None]]] = {
     "eval": (
         "evaluate a checkpoint on test tasks (Hydra app)",
         eval_command,
+    ),
+    "adapt": (
+        "adapt a trained model to your few-shot task: adapt checkpoint=<run> support=<dir>",
+        _plain_command("adapt", "mamlrun.cli.adapt", "run_adapt"),
     ),
     "data": (
         "prepare or verify a dataset: data {prepare,verify} dataset=omniglot",

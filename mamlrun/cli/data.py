@@ -15,7 +15,7 @@ from mamlrun.config.compose import compose_config
 from mamlrun.config.schema import SinusoidDataset
 from mamlrun.config.validate import validate
 from mamlrun.errors import UserError
-from mamlrun.run.build import load_image_splits
+from mamlrun.run.build import check_image_files, load_image_splits
 
 ACTIONS = ("prepare", "verify")
 
@@ -39,12 +39,15 @@ def run_data(args: list[str]) -> None:
     if action == "verify":
         dataset = dataclasses.replace(dataset, download=False)
     started = time.perf_counter()
+    check_image_files(dataset)
     splits = load_image_splits(dataset)
     seconds = time.perf_counter() - started
     rows = []
     for split, (images, classes) in splits.items():
-        shape = "x".join(str(s) for s in images.shape[2:])
-        rows.append([split, len(classes), images.shape[1], shape])
+        shape = "x".join(str(s) for s in images.image_shape)
+        counts = images.counts[classes]
+        low, high = int(counts.min()), int(counts.max())
+        rows.append([split, len(classes), str(low) if low == high else f"{low} to {high}", shape])
     console.print_table(
         f"{dataset.name} in {dataset.root} ({action}: ok, {seconds:.1f} s)",
         ["split", "classes", "images per class", "image shape"],

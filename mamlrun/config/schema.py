@@ -51,7 +51,21 @@ class ImageDataset:
         return self.shots if self.test_query_shots is None else self.test_query_shots
 
 
-# Classes per split and images per class, known before any file is read, so impossible task
+@dataclass
+class FolderDataset(ImageDataset):
+    """A user's folder of class folders (`mamlrun.data.folder`): any size, grayscale or RGB."""
+
+    name: str = "folder"
+    root: str = "???"
+    rotations: bool = False
+    image_size: int = 84
+    channels: int = 3  # 1: grayscale, 3: RGB
+    invert: bool = False  # 255 - pixel: dark strokes on white paper become high values
+    # train / validation / test: fractions of the classes (summing to 1) or class counts; unused
+    # when the folder holds train/, val/ and test/ itself
+    splits: dict[str, Any] = field(
+        default_factory=lambda: {"train": 0.7, "validation": 0.1, "test": 0.2}
+    )
 
 
 @dataclass
@@ -172,7 +186,7 @@ class RunConfig:
     What `validate` returns; each function takes the sections it uses, not the whole config.
     """
 
-    dataset: SinusoidDataset | ImageDataset
+    dataset: SinusoidDataset | ImageDataset | FolderDataset
     model: MLPModel | Conv4Model | TargetModel
     algorithm: Algorithm
     hardware: Hardware
@@ -208,6 +222,7 @@ DATASETS: dict[str, type] = {
     "sinusoid": SinusoidDataset,
     "omniglot": ImageDataset,
     "miniimagenet": ImageDataset,
+    "folder": FolderDataset,
 }
 MODELS: dict[str, type] = {"mlp": MLPModel, "conv4": Conv4Model}
 ALGORITHMS: dict[str, type] = {"maml": Algorithm, "fomaml": Algorithm, "pretrain": Algorithm}

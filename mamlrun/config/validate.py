@@ -25,6 +25,7 @@ from mamlrun.config.schema import (
     Conv4Model,
     EvalConfig,
     EvalSettings,
+    FolderDataset,
     Hardware,
     ImageDataset,
     MLPModel,
@@ -35,7 +36,11 @@ from mamlrun.config.schema import (
     WandbLogger,
 )
 from mamlrun.data.facts import IMAGE_SIZES, IMAGES_PER_CLASS, SPLIT_CLASSES
+from mamlrun.data.folder import SPLITS, is_fraction
 from mamlrun.errors import ConfigError
+
+# Image sides a folder dataset may be resized to: the conv4 models pool four times.
+MIN_IMAGE_SIZE, MAX_IMAGE_SIZE = 16, 512
 
 
 def hardware_defaults(device_type: str) -> Hardware:
@@ -366,6 +371,9 @@ def _check_image_dataset(dataset: ImageDataset) -> None:
     for key in ("query_shots", "test_query_shots"):
         value = getattr(dataset, key)
         _check(value is None or value >= 1, f"dataset.{key}", f"must be >= 1 or null, got {value}")
+    if isinstance(dataset, FolderDataset):
+        _check_folder(dataset)  # the folder's own classes and images: checked when it is listed
+        return
     _check(
         dataset.image_size == IMAGE_SIZES[name],
         "dataset.image_size",
@@ -394,6 +402,29 @@ def _check_image_dataset(dataset: ImageDataset) -> None:
             f"dataset.shots + dataset.{key} = {dataset.shots + queries} but {name} has only "
             f"{per_class} images per class",
         )
+
+
+def _check_folder(dataset: FolderDataset) -> None:
+    _check(dataset.channels in (1, 3), "dataset.channels", "choose 1 (grayscale) or 3 (RGB)")
+    _check(
+        MIN_IMAGE_SIZE <= dataset.image_size <= MAX_IMAGE_SIZE,
+        "dataset.image_size",
+        f"must be in [{MIN_IMAGE_SIZE}, {MAX_IMAGE_SIZE}], got {dataset.image_size}",
+    )
+    splits = dataset.splits
+    _check(
+        sorted(splits) == sorted(SPLITS),
+        "dataset.splits",
+        f"give train, validation and test, got {sorted(splits)}",
+    )
+    values = [splits[split] for split in SPLITS]
+    counts = all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in values)
+    fractions = all(is_fraction(float(v)) for v in values if not isinstance(v, bool))
+    _check(
+        counts or (fractions and abs(sum(values) - 1) < 1e-6),
+        "dataset.splits",
+        f"give fractions of the classes in (0, 1) summing to 1, or class counts >= 1, got {splits}",
+    )
 
 
 def _check_optimizer(spec: dict[str, Any], lr: float) -> None:

@@ -23,6 +23,7 @@ from collections.abc import Iterator, Sequence
 import torch
 from torch.utils.data import Dataset
 
+from mamlrun.data.class_images import ClassImages
 from mamlrun.data.rng import restore_generator
 from mamlrun.errors import UserError
 from mamlrun.maml.batch import TaskBatch
@@ -42,53 +43,45 @@ def _global_random(rng: random.Random) -> Iterator[None]:
 
 
 class _SplitImages(Dataset):
-    """The split's images, flat-indexed (class-major) so learn2learn can address each one.
+    """The split's images, flat-indexed (class after class) so learn2learn can address each one.
 
     Item `i` is (image, class, class) with `class` the position in the split: RemapLabels rewrites
     the second entry to the task label, the third survives so a batch can report its classes.
-    The full tensor is indexed in place, so a split costs no copy.
     """
 
-    def __init__(self, images: torch.Tensor, classes: list[int]) -> None:
-        self.images, self.classes, self.per_class = images, classes, images.shape[1]
+    def __init__(self, images: ClassImages) -> None:
+        self.images = images.images
+        self.labels = torch.repeat_interleave(torch.arange(len(images)), images.counts).tolist()
 
     def __len__(self) -> int:
-        return len(self.classes) * self.per_class
+        return len(self.labels)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int, int]:
-        label, position = divmod(index, self.per_class)
-        return self.images[self.classes[label], position], label, label
+        label = self.labels[index]
+        return self.images[index], label, label
 
 
 def _with_turns(data: list, quarter_turns: int) -> list:
     return [*data, quarter_turns]
 
 
-def _validate_task_shape(
-    images: torch.Tensor,
+def _split_of(
+    images: ClassImages | torch.Tensor,
     classes: torch.Tensor | Sequence[int],
     ways: int,
     shots: int,
     query_shots: int,
     split: str | None,
-) -> tuple[torch.Tensor, list[int]]:
-    """Check that the split can serve tasks of this shape.
-
-    Returns:
-        the images with a channel dimension ([classes, per class, C, H, W]; single-channel
-        images may come without one) and the class indices as a list.
+) -> ClassImages:
+    """This split's classes, checked to serve tasks of this shape.
 
     Raises:
-        UserError: ways > classes in the split, or shots + query_shots > images per class.
+        UserError: ways > classes in the split, or shots + query_shots > a class's images (the
+            class named).
         ValueError: malformed images or class indices (a programming error, not the user's).
     """
-    if images.dim() == 4:
-        images = images.unsqueeze(2)
-    if images.dim() != 5 or images.dtype != torch.uint8:
-        raise ValueError(
-            f"images must be uint8 [classes, images, (C,) H, W], got "
-            f"{images.dtype} {list(images.shape)}"
-        )
+    if isinstance(images, torch.Tensor):
+        images = ClassImages.grouped(images)
     classes = torch.as_tensor(classes, dtype=torch.long).tolist()
     if any(not 0 <= c < len(images) for c in classes):
         raise ValueError(f"class indices must lie in [0, {len(images)})")
@@ -98,12 +91,13 @@ def _validate_task_shape(
             raise UserError(f"dataset.{key}={value}: must be at least 1")
     if ways > len(classes):
         raise UserError(f"dataset.ways={ways} but {the_split} has {len(classes)} classes")
-    if shots + query_shots > images.shape[1]:
+    smallest = min(classes, key=lambda c: int(images.counts[c]))
+    if shots + query_shots > images.counts[smallest]:
         raise UserError(
             f"dataset.shots + dataset.query_shots = {shots + query_shots} > "
-            f"{images.shape[1]} images per class"
+            f"{int(images.counts[smallest])} images of {images.name(smallest)} in {the_split}"
         )
-    return images, classes
+    return images.subset(classes)
 
 
 class ClassRotations:
@@ -130,7 +124,7 @@ class ClassificationTasks:
     """Sample N-way K-shot tasks from the classes of one split.
 
     Args:
-        images: uint8 [all classes, images per class, C, H, W] or [..., H, W] (one channel).
+        images: the dataset's `ClassImages`, or uint8 [all classes, images per class, (C,) H, W].
         classes: indices (into dim 0 of `images`) of this split's classes.
         ways: classes per task (N).
         shots: support images per class (K).
@@ -162,18 +156,19 @@ class ClassificationTasks:
         seed: int = 0,
         split: str | None = None,
     ) -> None:
-        images, classes = _validate_task_shape(images, classes, ways, shots, query_shots, split)
+        split_images = _split_of(images, classes, ways, shots, query_shots, split)
         self.ways, self.shots, self.query_shots = ways, shots, query_shots
         self.rotations, self.seed = rotations, seed
-        self.input_shape = tuple(images.shape[2:])
-        self.classes = torch.tensor(classes)
-        per_class = images.shape[1]
+        self.input_shape = split_images.image_shape
+        self.classes = torch.as_tensor(classes, dtype=torch.long)
         l2l = import_learn2learn()
         dataset = l2l.data.MetaDataset(
-            _SplitImages(images, classes),
+            _SplitImages(split_images),
             labels_to_indices={
-                label: list(range(label * per_class, (label + 1) * per_class))
-                for label in range(len(classes))
+                label: list(range(start, start + count))
+                for label, (start, count) in enumerate(
+                    zip(split_images.starts.tolist(), split_images.counts.tolist(), strict=True)
+                )
             },
         )
         transforms = [
@@ -244,8 +239,13 @@ class TensorClassificationTasks:
     in a uniformly random class order, and with `rotations` an independent multiple of 90 degrees
     per class. It owns a `torch.Generator` on the device, so tasks depend on `seed` alone.
 
+    Classes may hold different numbers of images: a class's images are drawn as the first `k`
+    of its images ordered by uniform random keys, the keys of positions beyond its count set
+    above every real key, so they are never among the first `k`.
+
     Args:
-        images: uint8 [num_classes_total, per_class, (C,) H, W]; moved to `device` once.
+        images: the dataset's `ClassImages` (or uint8 [classes, per class, (C,) H, W]); this
+            split's classes are moved to `device` once.
         classes: indices of this split's classes.
         ways, shots, query_shots, rotations, seed, split: as `ClassificationTasks`.
         device: where images are kept and tasks are built.
@@ -265,27 +265,29 @@ class TensorClassificationTasks:
         split: str | None = None,
         device: torch.device | str = "cpu",
     ) -> None:
-        images, classes = _validate_task_shape(images, classes, ways, shots, query_shots, split)
+        split_images = _split_of(images, classes, ways, shots, query_shots, split)
         self.device = torch.device(device)
         self.classes = torch.as_tensor(classes, dtype=torch.long, device=self.device)
-        if self.classes.tolist() == list(range(len(images))):
-            self.images = images.to(self.device)  # the whole tensor is this split: no copy
-        else:
-            self.images = images[self.classes.cpu()].to(self.device)  # this split's classes only
+        self.images = split_images.to(self.device)  # this split's classes only
+        self.largest = int(split_images.counts.max())
+        self.uniform = bool((split_images.counts == self.largest).all())
         self.ways, self.shots, self.query_shots = ways, shots, query_shots
         self.rotations, self.seed = rotations, seed
-        self.input_shape = tuple(images.shape[2:])
+        self.input_shape = split_images.image_shape
         self.generator = torch.Generator(device=self.device).manual_seed(seed)
 
     def sample(self, num_tasks: int) -> TaskBatch:
         """Draw `num_tasks` tasks; same layout and attributes as `ClassificationTasks.sample`."""
         n, ways, k = num_tasks, self.ways, self.shots + self.query_shots
-        num_classes, per_class = self.images.shape[:2]
-        g, device = self.generator, self.device
+        images, g, device = self.images, self.generator, self.device
         # A uniformly random ordered subset: the first `ways` of a random permutation per task.
-        local = torch.rand(n, num_classes, generator=g, device=device).argsort(dim=1)[:, :ways]
-        picks = torch.rand(n, ways, per_class, generator=g, device=device).argsort(dim=2)[..., :k]
-        x = self.images[local[..., None], picks]  # [n, ways, k, C, H, W]
+        local = torch.rand(n, len(images), generator=g, device=device).argsort(dim=1)[:, :ways]
+        keys = torch.rand(n, ways, self.largest, generator=g, device=device)
+        if not self.uniform:  # positions past a class's count sort last: never picked
+            positions = torch.arange(self.largest, device=device)
+            keys = keys.masked_fill(positions >= images.counts[local][..., None], 2.0)
+        picks = keys.argsort(dim=2)[..., :k]
+        x = images.images[images.starts[local][..., None] + picks]  # [n, ways, k, C, H, W]
         batch_extra = {}
         if self.rotations:
             turns = torch.randint(0, 4, (n, ways), generator=g, device=device)

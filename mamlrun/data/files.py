@@ -16,13 +16,11 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from PIL import Image
 
 from mamlrun.data.atomic import write_atomically
 from mamlrun.errors import UserError
 
 CACHE_VERSION = 1  # bump when a loader's output changes for the same input files
-RESAMPLE = Image.Resampling.LANCZOS  # the paper's filter for Omniglot, also used for miniImageNet
 
 
 def file_md5(path: Path) -> str:

@@ -13,14 +13,16 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
 
 from mamlrun.data.facts import IMAGE_SIZES
-from mamlrun.data.files import CACHE_VERSION, RESAMPLE, _cached, _default_cache_dir, _digest
+from mamlrun.data.files import CACHE_VERSION, _cached, _default_cache_dir, _digest
+from mamlrun.data.preprocess import Preprocessing
 from mamlrun.errors import UserError
 
 MINI_CSV = {"train": "train", "validation": "val", "test": "test"}  # split -> Ravi's csv name
 MINI_SIZE = IMAGE_SIZES["miniimagenet"]
+# 84x84 RGB (LANCZOS, Ravi & Larochelle's script's filter), pixels as they are.
+MINI_PREPROCESSING = Preprocessing(size=MINI_SIZE, channels=3)
 
 
 def load_miniimagenet(
@@ -161,22 +163,14 @@ def _load_mini_folder(base: Path, split: str, cache_dir: Path | str | None) -> t
         images = np.empty((len(by_class), per_class, 3, MINI_SIZE, MINI_SIZE), np.uint8)
         for c, filenames in enumerate(by_class.values()):
             for i, filename in enumerate(filenames):
-                path = base / "images" / filename
-                try:
-                    with Image.open(path) as file:
-                        image = file.convert("RGB")
-                    if image.size != (MINI_SIZE, MINI_SIZE):
-                        image = image.resize((MINI_SIZE, MINI_SIZE), RESAMPLE)
-                except (OSError, SyntaxError, ValueError) as error:
-                    raise UserError(f"{path}: cannot read the image ({error})") from None
-                images[c, i] = np.asarray(image).transpose(2, 0, 1)
+                images[c, i] = MINI_PREPROCESSING.read(base / "images" / filename)
         return {"images": torch.from_numpy(images)}
 
     key = {
         "dataset": "miniimagenet",
         "version": CACHE_VERSION,
         "size": MINI_SIZE,
-        "resample": RESAMPLE.name,
+        "resample": MINI_PREPROCESSING.resample,
         "split": split,
         "source": listing.hexdigest(),
     }

@@ -18,7 +18,6 @@ import hashlib
 import io
 import warnings
 import zipfile
-import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,16 +25,17 @@ import numpy as np
 import torch
 from PIL import Image
 
+from mamlrun.data.class_images import split_classes
 from mamlrun.data.facts import IMAGE_SIZES, IMAGES_PER_CLASS, SPLIT_CLASSES
 from mamlrun.data.files import (
     CACHE_VERSION,
-    RESAMPLE,
     _cached,
     _default_cache_dir,
     _digest,
     download_file,
     file_md5,
 )
+from mamlrun.data.preprocess import DECODE_ERRORS, Preprocessing
 from mamlrun.errors import UserError
 
 OMNIGLOT_SETS = ("images_background", "images_evaluation")
@@ -52,6 +52,8 @@ OMNIGLOT_MD5 = {
 }
 OMNIGLOT_URL = "https://raw.githubusercontent.com/brendenlake/omniglot/master/python/{}.zip"
 OMNIGLOT_SIZE = IMAGE_SIZES["omniglot"]
+# The paper's: 28x28 with LANCZOS, inverted so that ink is high (Finn et al. 2017, Appendix A.1).
+OMNIGLOT_PREPROCESSING = Preprocessing(size=OMNIGLOT_SIZE, channels=1, invert=True)
 
 
 @dataclass
@@ -129,17 +131,16 @@ class _OmniglotSet:
         return [self.name, listing.hexdigest()]
 
     def read(self, member: str) -> np.ndarray:
-        """One drawing, preprocessed: 28x28 LANCZOS, inverted so ink = 255."""
+        """One drawing, preprocessed (OMNIGLOT_PREPROCESSING): 28x28, ink = 255."""
         try:
             if self.is_zip:
                 data = self.zip.read(member)
             else:
                 data = (self.path.parent / member).read_bytes()
-            image = Image.open(io.BytesIO(data)).convert("L")
-            image = image.resize((OMNIGLOT_SIZE, OMNIGLOT_SIZE), RESAMPLE)
-        except (OSError, SyntaxError, ValueError, zipfile.BadZipFile, zlib.error) as error:
+            with Image.open(io.BytesIO(data)) as image:
+                return OMNIGLOT_PREPROCESSING.apply(image)[0]
+        except DECODE_ERRORS as error:
             raise UserError(f"{self.path}: cannot read {member} ({error}); {self.fix}") from None
-        return 255 - np.asarray(image, dtype=np.uint8)
 
 
 def _omniglot_dirs(root: Path) -> list[Path]:
@@ -260,8 +261,8 @@ def _load_omniglot_sets(
         "dataset": "omniglot",
         "version": CACHE_VERSION,
         "size": OMNIGLOT_SIZE,
-        "resample": RESAMPLE.name,
-        "invert": True,
+        "resample": OMNIGLOT_PREPROCESSING.resample,
+        "invert": OMNIGLOT_PREPROCESSING.invert,
         "sources": [s.identity() for s in sets],
     }
     cache = Path(cache_dir).expanduser() if cache_dir is not None else _default_cache_dir()
@@ -274,22 +275,9 @@ def omniglot_splits(
     train: int = SPLIT_CLASSES["omniglot"]["train"],
     val: int = SPLIT_CLASSES["omniglot"]["validation"],
 ) -> dict[str, torch.Tensor]:
-    """Split character indices into meta-train / validation / test classes.
+    """Split character indices into meta-train / validation / test classes (`split_classes`).
 
     The paper meta-trains on 1200 characters and tests on the remaining 423; the authors' code
-    keeps 100 of the 1200 for validation. The split is a permutation drawn from its own
-    generator, so it depends on `split_seed` only (learn2learn's depends on the global seed).
-
-    Returns:
-        {"train": first `train` of the permutation, "validation": next `val`, "test": the rest},
-        each sorted ascending.
+    keeps 100 of the 1200 for validation. The split depends on `split_seed` only.
     """
-    if train + val >= num_characters:
-        raise UserError(
-            f"{train} train + {val} validation characters leave no test characters out of "
-            f"{num_characters}; lower the train or validation count"
-        )
-    order = torch.randperm(num_characters, generator=torch.Generator().manual_seed(split_seed))
-    parts = {"train": order[:train], "validation": order[train : train + val]}
-    parts["test"] = order[train + val :]
-    return {name: part.sort().values for name, part in parts.items()}
+    return split_classes(num_characters, split_seed, train, val)

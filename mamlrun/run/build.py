@@ -16,7 +16,17 @@ import torch
 from torch import nn
 
 from mamlrun.config.compose import error_line
-from mamlrun.config.schema import Algorithm, Hardware, ImageDataset, SinusoidDataset, TargetModel
+from mamlrun.config.schema import (
+    Algorithm,
+    FolderDataset,
+    Hardware,
+    ImageDataset,
+    SinusoidDataset,
+    TargetModel,
+)
+from mamlrun.data.class_images import ClassImages
+from mamlrun.data.folder import check_tasks, load_folder, scan_folder
+from mamlrun.data.preprocess import Preprocessing
 from mamlrun.data.sinusoid import SinusoidTasks
 from mamlrun.errors import UserError
 from mamlrun.maml.engine import Engine
@@ -34,7 +44,9 @@ def task_type(dataset: Any) -> str:
 
 
 @functools.lru_cache(maxsize=4)
-def _split_images(name: str, root: str, download: bool, split_seed: int) -> dict[str, tuple]:
+def _split_images(
+    name: str, root: str, download: bool, split_seed: int, folder: tuple | None
+) -> dict[str, tuple[ClassImages, list[int]]]:
     """(images, classes) per split; read once per process (train, validation and test share it)."""
     # imported on use: sinusoid runs need no image code
     from mamlrun.data.miniimagenet import load_miniimagenet
@@ -42,17 +54,63 @@ def _split_images(name: str, root: str, download: bool, split_seed: int) -> dict
 
     if name == "omniglot":
         data = load_omniglot(Path(root).expanduser(), download=download)
+        images = ClassImages.grouped(data.images, data.characters)
         splits = omniglot_splits(len(data.images), split_seed=split_seed)
-        return {split: (data.images, classes) for split, classes in splits.items()}
+        return {split: (images, classes.tolist()) for split, classes in splits.items()}
+    if name == "folder":
+        size, channels, invert, splits = folder
+        listing = scan_folder(root, dict(splits), split_seed)
+        loaded = load_folder(listing, Preprocessing(size=size, channels=channels, invert=invert))
+        return {split: (images, list(range(len(images)))) for split, images in loaded.items()}
     result = {}
     for split in SPLIT_NAMES.values():
-        images = load_miniimagenet(Path(root).expanduser(), split, download=download)
+        images = ClassImages.grouped(load_miniimagenet(Path(root).expanduser(), split, download))
         result[split] = (images, list(range(len(images))))
     return result
 
 
-def load_image_splits(dataset: ImageDataset) -> dict[str, tuple]:
-    return _split_images(dataset.name, dataset.root, dataset.download, dataset.split_seed)
+def _folder_key(dataset: ImageDataset) -> tuple | None:
+    if not isinstance(dataset, FolderDataset):
+        return None
+    splits = tuple(sorted(dataset.splits.items()))
+    return dataset.image_size, dataset.channels, dataset.invert, splits
+
+
+def load_image_splits(dataset: ImageDataset) -> dict[str, tuple[ClassImages, list[int]]]:
+    key = (dataset.name, dataset.root, dataset.download, dataset.split_seed, _folder_key(dataset))
+    return _split_images(*key)
+
+
+def check_image_files(dataset: Any) -> None:
+    """What can be known of a folder dataset's files before any work: its classes per split and
+    images per class against the task shape (`mamlrun.data.folder.check_tasks`). Listing only;
+    the paper's datasets are checked by their facts in `validate`.
+
+    Raises:
+        UserError: naming the folder and the key to change.
+    """
+    if isinstance(dataset, FolderDataset):
+        listing = scan_folder(dataset.root, dataset.splits, dataset.split_seed)
+        check_tasks(
+            listing,
+            dataset.ways,
+            dataset.shots,
+            dataset.train_query_shots,
+            dataset.eval_query_shots,
+        )
+
+
+def preprocessing_for(dataset: Any) -> Preprocessing | None:
+    """How the dataset's image files become inputs (None for sinusoid): saved in checkpoints
+    so that `mamlrun adapt` prepares a user's images the same way."""
+    if isinstance(dataset, FolderDataset):
+        return Preprocessing(dataset.image_size, dataset.channels, dataset.invert)
+    if isinstance(dataset, ImageDataset):
+        from mamlrun.data.miniimagenet import MINI_PREPROCESSING
+        from mamlrun.data.omniglot import OMNIGLOT_PREPROCESSING
+
+        return OMNIGLOT_PREPROCESSING if dataset.name == "omniglot" else MINI_PREPROCESSING
+    return None
 
 
 def task_sampler(
@@ -110,8 +168,8 @@ def setting_label(dataset: Any, shots: int) -> str:
 def input_shape(dataset: Any) -> tuple[int, ...]:
     if isinstance(dataset, SinusoidDataset):
         return (1,)
-    channels = 1 if dataset.name == "omniglot" else 3
-    return (channels, dataset.image_size, dataset.image_size)
+    preprocessing = preprocessing_for(dataset)
+    return (preprocessing.channels, preprocessing.size, preprocessing.size)
 
 
 def model_for(model_cfg: Any, dataset: Any) -> nn.Module:
@@ -159,6 +217,24 @@ def refuse_untrusted_targets(
             "checkpoint file; add trust_model_target=true to build it (only for a checkpoint "
             "you trust)"
         )
+
+
+def load_trained(checkpoint: str | Path, trusted: bool) -> tuple[Path, dict[str, Any], Any]:
+    """(the checkpoint file, its payload, its validated RunConfig) for a run directory or a .pt.
+
+    Raises:
+        UserError: nothing loadable there, not a mamlrun checkpoint, or a `_target_` the user
+            has not trusted (`refuse_untrusted_targets`).
+    """
+    from omegaconf import OmegaConf
+
+    from mamlrun.config.validate import validate
+    from mamlrun.run import rundir
+
+    path = rundir.resolve(checkpoint)
+    payload = rundir.load(path)
+    refuse_untrusted_targets(payload["config"], trusted, path)
+    return path, payload, validate(OmegaConf.create(payload["config"]), primary="train")
 
 
 def _targets(node: Any, where: str) -> list[tuple[str, Any]]:

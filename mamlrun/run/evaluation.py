@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from mamlrun import console
 from mamlrun.config.schema import (
@@ -35,12 +35,11 @@ from mamlrun.run import jsonio, rundir
 from mamlrun.run.build import (
     engine_for,
     eval_shots,
+    load_trained,
     model_for,
-    refuse_untrusted_targets,
     setting_label,
     task_sampler,
 )
-from mamlrun.run.rundir import load, resolve
 from mamlrun.run.runtime import seed_everything, select_device
 from mamlrun.run.tracking import Tracker, make_tracker
 
@@ -245,10 +244,9 @@ def evaluate_and_report(
 def run_eval(cfg: DictConfig) -> dict[str, float]:
     """`mamlrun eval checkpoint=<run dir or .pt>`: evaluate a trained model, write eval.json."""
     settings = validate(cfg, primary="eval")
-    checkpoint_path = resolve(settings.checkpoint)
-    payload = load(checkpoint_path)
-    refuse_untrusted_targets(payload["config"], settings.trust_model_target, checkpoint_path)
-    trained = validate(OmegaConf.create(payload["config"]), primary="train")
+    checkpoint_path, payload, trained = load_trained(
+        settings.checkpoint, settings.trust_model_target
+    )
     # The model's config comes from the checkpoint; how to run and score it, from this command.
     config = dataclasses.replace(
         trained, hardware=settings.hardware, logger=settings.logger, eval=settings.eval

@@ -1,5 +1,6 @@
 """PNG plots of a run: learning curves, the test metric over adaptation steps (paper Figure 3
-style) and, for sinusoid, fits before and after adaptation (paper Figure 2 style).
+style) and, for sinusoid, fits before and after adaptation (paper Figure 2 style); of
+`mamlrun adapt`: a confusion matrix, or a regression fit before and after adaptation.
 
 Pure drawing: numbers in, a PNG at the given path out. What to draw (the adapted predictions) is
 computed by `mamlrun.run.evaluation`; matplotlib is imported only when there is a plot to draw."""
@@ -122,6 +123,63 @@ def sinusoid_fits(fits: list[SinusoidFit], x_range: list[float], path: Path) -> 
         ax.set_xlim(*x_range)
     axes[0][0].legend(fontsize=7, loc="lower left")
     return _save(fig, path, dpi=110)
+
+
+def confusion_matrix(counts: torch.Tensor, names: list[str], path: Path) -> Path:
+    """counts[true, predicted] as a heat map with the counts written in, rows normalized."""
+    size = max(4.0, 0.6 * len(names) + 2)
+    fig, ax = plt.subplots(figsize=(size, size * 0.85))
+    totals = counts.sum(dim=1, keepdim=True).clamp(min=1)
+    ax.imshow(counts / totals, cmap="Blues", vmin=0, vmax=1)
+    for (row, col), value in zip(
+        [(r, c) for r in range(len(names)) for c in range(len(names))],
+        counts.flatten().tolist(),
+        strict=True,
+    ):
+        share = value / float(totals[row])
+        ax.text(
+            col,
+            row,
+            str(int(value)),
+            ha="center",
+            va="center",
+            color="white" if share > 0.5 else "black",
+        )
+    ticks = list(range(len(names)))
+    ax.set_xticks(ticks, names, rotation=45, ha="right")
+    ax.set_yticks(ticks, names)
+    accuracy = float(counts.diag().sum() / counts.sum().clamp(min=1))
+    ax.set(xlabel="predicted", ylabel="true class", title=f"adapted: accuracy {accuracy:.1%}")
+    return _save(fig, path)
+
+
+def adapted_fit(
+    x: torch.Tensor,
+    before: torch.Tensor,
+    after: torch.Tensor,
+    support: tuple[torch.Tensor, torch.Tensor],
+    steps: int,
+    path: Path,
+) -> Path:
+    """A regression task's support points and the model's predictions on `x` before and after
+    `steps` adaptation steps (1-D inputs)."""
+    order = x[:, 0].argsort()
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot(x[order, 0], before[order, 0], ":", color="green", label="pre-update")
+    label = f"after {steps} grad step{'s' * (steps != 1)}"
+    ax.plot(x[order, 0], after[order, 0], "-", color="green", label=label)
+    ax.scatter(
+        support[0][:, 0],
+        support[1][:, 0],
+        marker="^",
+        color="purple",
+        zorder=3,
+        label="support points",
+    )
+    ax.set(xlabel="x", ylabel="y", title="mamlrun adapt")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    return _save(fig, path)
 
 
 def adaptation_comparison(

@@ -17,9 +17,9 @@ from mamlrun import console
 from mamlrun.config.compose import parse_overrides, to_container
 from mamlrun.config.validate import validate
 from mamlrun.data.atomic import write_atomically
-from mamlrun.errors import ConfigError
+from mamlrun.errors import ConfigError, UserError
 from mamlrun.run import rundir
-from mamlrun.run.build import refuse_untrusted_targets
+from mamlrun.run.build import check_image_files, refuse_untrusted_targets
 from mamlrun.run.interrupt import Interrupted
 from mamlrun.run.pruning import Pruned
 from mamlrun.run.trainer import Trainer
@@ -48,7 +48,8 @@ def run_train(cfg: DictConfig) -> float:
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     try:
         config = validate(cfg)
-    except ConfigError:
+        check_image_files(config.dataset)  # a folder dataset's classes and images, listed
+    except UserError:
         if not rundir.is_run_dir(run_dir):  # a sweep's refused job: `mamlrun report` lists it
             _save_hydra_files(cfg, run_dir)
         raise

@@ -39,6 +39,7 @@ from mamlrun.run.build import (
     engine_for,
     meta_optimizer,
     model_for,
+    preprocessing_for,
     task_sampler,
 )
 from mamlrun.run.interrupt import StopRequests
@@ -109,6 +110,8 @@ class Trainer:
         self.model = model_for(config.model, dataset).to(device)
         self.engine = engine_for(self.model, algorithm, dataset, config.hardware)
         self.optimizer = meta_optimizer(self.model, algorithm)
+        preprocessing = preprocessing_for(dataset)  # for `mamlrun adapt`: inputs as in training
+        self.preprocessing = preprocessing and preprocessing.to_dict()
         params = sum(p.numel() for p in self.model.parameters())
         console.info(f"model <{config.model.name}> with {params:,} parameters on {device}")
         self.train_tasks = task_sampler(dataset, "train", seed=config.seed, device=device)
@@ -261,6 +264,7 @@ class Trainer:
                 "best": self.best,
                 "window": read_stats(self.window),
                 "config": self.record,
+                "preprocessing": self.preprocessing,
                 "metric": self.metric,
                 "wandb_id": self.tracker.run_id,
                 "skipped_steps": self.skipped,
