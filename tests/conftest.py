@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -27,6 +28,36 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
 # GPU machines install mamlrun into a target folder without scripts).
 _SCRIPT = Path(sys.executable).with_name("mamlrun")
 MAMLRUN = [str(_SCRIPT)] if _SCRIPT.exists() else [sys.executable, "-m", "mamlrun"]
+
+# The real Omniglot archives (../shared/data/omniglot). Tests of them skip where they are absent,
+# except under CI=true, where they must be there.
+OMNIGLOT = Path(__file__).resolve().parents[2] / "shared" / "data" / "omniglot"
+needs_omniglot = pytest.mark.skipif(
+    not (OMNIGLOT / "images_background.zip").is_file() and os.environ.get("CI") != "true",
+    reason=f"the real Omniglot archives are not in {OMNIGLOT}",
+)
+
+
+def omniglot_characters(archive: str) -> dict[str, list[str]]:
+    """ "<set>/<alphabet>/<character>" -> its drawings' zip members, in the order mamlrun loads."""
+    with zipfile.ZipFile(OMNIGLOT / archive) as source:
+        members = [m for m in source.namelist() if m.endswith(".png")]
+    characters: dict[str, list[str]] = {}
+    for member in sorted(members, key=lambda m: m.split("/")):
+        characters.setdefault(member.rsplit("/", 1)[0], []).append(member)
+    return characters
+
+
+def write_drawings(character: str, destination: Path, drawings: slice = slice(None)) -> list[Path]:
+    """Some raw 105x105 PNG drawings of an Omniglot character ("<set>/<alphabet>/<character>"),
+    copied out of the official archive into `destination`, as a user's folder would hold them."""
+    members = omniglot_characters(f"{character.split('/')[0]}.zip")[character][drawings]
+    destination.mkdir(parents=True, exist_ok=True)
+    with zipfile.ZipFile(OMNIGLOT / f"{character.split('/')[0]}.zip") as source:
+        for member in members:
+            (destination / member.rsplit("/", 1)[1]).write_bytes(source.read(member))
+    return sorted(destination.iterdir())
+
 
 # Small settings for a run that finishes in seconds; tests add what they check on top.
 QUICK = [

@@ -4,12 +4,11 @@ machine. Speeds are not asserted here (they are the benchmark's output, not a te
 import json
 import os
 import subprocess
-from pathlib import Path
 
 import pytest
 import torch
 
-from conftest import MAMLRUN, run_mamlrun
+from conftest import MAMLRUN, OMNIGLOT, needs_omniglot, run_mamlrun
 from mamlrun.analysis.bench import (
     ABLATION_EAGER,
     ABLATION_VMAP,
@@ -20,12 +19,6 @@ from mamlrun.analysis.bench import (
 from mamlrun.analysis.l2l_script import SCRIPT_LABEL
 from mamlrun.analysis.reproduce import _duration
 from mamlrun.config.compose import compose_config
-
-OMNIGLOT = Path(__file__).resolve().parents[2] / "shared" / "data" / "omniglot"
-# CI provides the real Omniglot there: a missing folder must fail the test, not skip it
-needs_omniglot = pytest.mark.skipif(
-    not OMNIGLOT.is_dir() and os.environ.get("CI") != "true", reason=f"no Omniglot at {OMNIGLOT}"
-)
 
 ABLATION_BF16 = "mamlrun vmap, bf16 autocast"
 

@@ -199,9 +199,7 @@ def test_classes_of_different_sizes_draw_each_class_uniformly_and_only_its_own_i
     per_class = [IMAGES[c, :count] for c, count in enumerate(counts)]
     images = ClassImages.concatenated(per_class, [f"c{c}" for c in range(len(counts))])
     assert images.images.shape[0] == sum(counts)
-    batch = sampler(images, range(len(counts)), ways=3, shots=1, query_shots=2, seed=3).sample(
-        3000
-    )
+    batch = sampler(images, range(len(counts)), ways=3, shots=1, query_shots=2, seed=3).sample(3000)
     s_cls, s_num, _ = _decode(batch.support_x.view(3000, 3, 1, 3, SIZE, SIZE))
     q_cls, q_num, _ = _decode(batch.query_x.view(3000, 3, 2, 3, SIZE, SIZE))
     cls, num = torch.cat([s_cls, q_cls], dim=2), torch.cat([s_num, q_num], dim=2)

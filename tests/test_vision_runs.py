@@ -1,20 +1,18 @@
 """Omniglot end to end on the real archives (skipped where they are absent), `mamlrun data`, and a
-user's own `nn.Module` given by `_target_`."""
+user's own `nn.Module` given by `_target_`, and `mamlrun adapt` on held-out Omniglot characters."""
 
+import csv
 import json
 import pickle
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
-from conftest import QUICK, read_jsonl, run_mamlrun
-
-OMNIGLOT = Path(__file__).resolve().parents[2] / "shared" / "data" / "omniglot"
-needs_omniglot = pytest.mark.skipif(
-    not (OMNIGLOT / "images_background.zip").is_file(),
-    reason=f"the real Omniglot archives are not in {OMNIGLOT}",
-)
+from conftest import OMNIGLOT, QUICK, needs_omniglot, read_jsonl, run_mamlrun, write_drawings
 
 
 @needs_omniglot
@@ -54,9 +52,10 @@ def test_data_refuses_what_hydra_cannot_compose_in_one_line(tmp_path):
     assert usage.startswith("usage: mamlrun data {prepare,verify}") and "download" in usage
 
 
-@needs_omniglot
-def test_omniglot_5way_1shot_learns_well_above_chance(tmp_path):
-    """First-order MAML, meta-batch 8, 300 iterations on CPU: validation accuracy far above 20%."""
+@pytest.fixture(scope="module")
+def omniglot_run(tmp_path_factory) -> Path:
+    """First-order MAML on the real Omniglot, meta-batch 8, 300 iterations on the CPU."""
+    tmp_path = tmp_path_factory.mktemp("omniglot")
     run_dir = tmp_path / "omniglot"
     run_mamlrun(
         "train",
@@ -74,6 +73,13 @@ def test_omniglot_5way_1shot_learns_well_above_chance(tmp_path):
         f"hydra.run.dir={run_dir}",
         cwd=tmp_path,
     )
+    return run_dir
+
+
+@needs_omniglot
+def test_omniglot_5way_1shot_learns_well_above_chance(omniglot_run, tmp_path):
+    """Validation and test accuracy far above the 20% of chance after 300 iterations."""
+    run_dir = omniglot_run
     val = [r for r in read_jsonl(run_dir / "metrics.jsonl") if r["split"] == "val"]
     assert val[-1]["acc_step0"] < 0.35, "before adaptation a new task is at chance"
     assert max(r["acc_step3"] for r in val) > 0.45
@@ -95,6 +101,80 @@ def test_omniglot_5way_1shot_learns_well_above_chance(tmp_path):
     args = (f"checkpoint={run_dir}", "logger=none", f"data_root={tmp_path / 'none'}")
     missing = run_mamlrun("eval", *args, cwd=tmp_path, expect_ok=False)
     assert missing.returncode == 2 and "images_background" in missing.stderr
+
+
+@needs_omniglot
+def test_adapt_classifies_held_out_characters_from_their_raw_pngs(omniglot_run, tmp_path):
+    """Characters of the run's test split, written as the official 105x105 PNGs (black ink on
+    white): `mamlrun adapt` prepares them as training did (28x28, inverted) and, from 1 drawing
+    per character (three tasks) or 5 (the first task's characters), labels their other drawings
+    far above the 20% of chance.
+    The exported program, called by the README's own lines in a Python that never imports
+    mamlrun, gives the logits of the adapted model in mamlrun."""
+    from mamlrun.data.omniglot import load_omniglot, omniglot_splits
+
+    characters = load_omniglot(OMNIGLOT).characters
+    held_out = [characters[i] for i in omniglot_splits(len(characters))["test"][::20].tolist()]
+    accuracies = {}
+    for task, (group, shots) in enumerate(((0, 1), (1, 1), (2, 1), (0, 5))):
+        support, query = tmp_path / f"support{task}", tmp_path / f"query{task}"
+        for character in held_out[5 * group : 5 * group + 5]:
+            name = character.replace("/", "_")
+            write_drawings(character, support / name, slice(0, shots))
+            write_drawings(character, query / name, slice(shots, None))
+        out = tmp_path / f"adapted{task}"
+        args = (f"checkpoint={omniglot_run}", f"support={support}", f"query={query}")
+        run_mamlrun("adapt", *args, f"adapt.out={out}", cwd=tmp_path)
+        meta = json.loads((out / "adapted.json").read_text())
+        assert meta["steps"] == 3 and meta["preprocessing"]["invert"] is True
+        accuracies[task] = meta["accuracy"]
+    assert sum(accuracies[t] for t in range(3)) / 3 > 0.45, accuracies
+    assert accuracies[3] > max(0.6, accuracies[0]), "5 drawings of the same characters do better"
+
+    logits = _logits_of_the_readme_lines(out, sorted(query.rglob("*.png")), tmp_path)
+    expected = _adapted_in_mamlrun(omniglot_run, support, sorted(query.rglob("*.png")))
+    assert torch.allclose(logits, expected, atol=1e-5), (logits - expected).abs().max()
+    with open(out / "predictions.csv", newline="") as file:
+        rows = list(csv.DictReader(file))
+    printed = torch.tensor([float(row["probability"]) for row in rows])
+    assert torch.allclose(logits.softmax(dim=1).max(dim=1).values, printed, atol=1e-4)
+
+
+def _logits_of_the_readme_lines(out: Path, images: list[Path], tmp_path: Path) -> torch.Tensor:
+    """Run the README's Python block in a fresh interpreter on `images`; its logits."""
+    readme = (out / "README.md").read_text()
+    code = readme.split("```python\n", 1)[1].split("```", 1)[0]
+    code = code.replace('out = "."', f"out = {str(out)!r}")
+    code = code.replace('paths = ["a.png", "b.png"]', f"paths = {[str(p) for p in images]!r}")
+    saved = tmp_path / "logits.pt"
+    code += (
+        f"\nimport sys\nassert 'mamlrun' not in sys.modules\ntorch.save(logits, {str(saved)!r})\n"
+    )
+    script = tmp_path / "readme.py"
+    script.write_text(code)
+    subprocess.run([sys.executable, str(script)], check=True, cwd=tmp_path, timeout=300)
+    return torch.load(saved)
+
+
+def _adapted_in_mamlrun(run_dir: Path, support: Path, images: list[Path]) -> torch.Tensor:
+    """The adapted model's logits computed in this process with mamlrun's own functions."""
+    from mamlrun.data.preprocess import Preprocessing
+    from mamlrun.maml.adapt import adapt_model
+    from mamlrun.maml.objectives import TASK_TYPES
+    from mamlrun.run import rundir
+    from mamlrun.run.adapt import read_support
+    from mamlrun.run.build import load_trained, model_for
+
+    path, payload, config = load_trained(run_dir, trusted=False)
+    model = model_for(config.model, config.dataset)
+    rundir.load_weights(model, payload, path)
+    prep = Preprocessing.from_dict(payload["preprocessing"])
+    x, y, names, _ = read_support(support, config.dataset.ways, prep, convert=False)
+    loss = TASK_TYPES["classification"][0]
+    adapted = adapt_model(model, loss, config.algorithm.inner_lr, x.float() / 255, y, 3)
+    query = torch.stack([torch.from_numpy(prep.read(image)) for image in images])
+    with torch.no_grad():
+        return adapted(query.float() / 255)[:, : len(names)]
 
 
 def test_any_module_given_by_target_trains(tmp_path):

@@ -125,6 +125,9 @@ def _group_sections(cfg: DictConfig, primary: str) -> dict[str, Any]:
             raise ConfigError(
                 f"{group}.name: unknown {group} {name!r} (choices: {sorted(registry)})"
             )
+        for key in node:
+            if OmegaConf.is_missing(node, key):
+                raise ConfigError(f"{group}.{key}: required; pass {group}.{key}=<value>")
         sections[group] = _typed(group, node, registry[name])
     return sections
 

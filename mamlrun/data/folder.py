@@ -81,7 +81,13 @@ def scan_folder(root: Path | str, splits: dict[str, float | int], split_seed: in
     folders = class_folders(root)
     names = {folder.name for folder in folders}
     given = {alias for aliases in SPLIT_FOLDERS.values() for alias in aliases}
-    if "train" in names and names <= given:
+    if "train" in names and len(names & given) > 1:  # train/ beside val/, validation/ or test/
+        other = sorted(names - given)
+        if other:
+            raise UserError(
+                f"{root / other[0]}: not a split folder; the root/{{train,val,test}}/ layout "
+                "holds only train/, val/ (or validation/) and test/"
+            )
         return FolderListing(root, "splits", _given_splits(root))
     classes = [(folder.name, class_images(folder)) for folder in folders]
     if not classes:
@@ -91,6 +97,8 @@ def scan_folder(root: Path | str, splits: dict[str, float | int], split_seed: in
         )
     counts = split_counts(splits, len(classes), root)
     parts = split_classes(len(classes), split_seed, counts["train"], counts["validation"])
+    # counts that sum to fewer than the classes leave the rest out (of the test split's share)
+    parts["test"] = parts["test"][: counts["test"]]
     listing = {split: [classes[c] for c in parts[split].tolist()] for split in SPLITS}
     return FolderListing(root, "classes", listing)
 

@@ -66,7 +66,7 @@ class Preprocessing:
             image = image.resize((self.size, self.size), Image.Resampling[self.resample])
         pixels = np.asarray(image, dtype=np.uint8)
         pixels = pixels[None] if pixels.ndim == 2 else pixels.transpose(2, 0, 1)
-        return 255 - pixels if self.invert else np.ascontiguousarray(pixels)
+        return 255 - pixels if self.invert else pixels.copy()  # writable, C-contiguous
 
     def read(self, path: Path, data: bytes | None = None) -> np.ndarray:
         """`apply` to the image file at `path` (or to its bytes `data`, read from an archive).

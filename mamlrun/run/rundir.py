@@ -189,7 +189,9 @@ def _refusal(path: Path, err: Exception) -> str:
             f"have to be unpickled; if you trust this file, convert it once with: mamlrun "
             f"checkpoint convert {path}"
         )
-    shown = ", ".join(names[:3]) or "objects that are not data"
+    if not names:  # nothing it would import: not a pickle, or not a checkpoint at all
+        return f"{path}: not a readable mamlrun checkpoint ({type(err).__name__})"
+    shown = ", ".join(names[:3])
     return (
         f"{path}: refused: loading it would import {shown}, which can run code; a mamlrun "
         "checkpoint holds only tensors and plain data, so do not use this file unless you "
