@@ -31,8 +31,9 @@ def test_every_group_has_options():
 
 @pytest.mark.parametrize("choice", COMBINATIONS, ids=lambda c: "-".join(c))
 def test_every_combination_composes_and_validates(choice):
-    cfg = compose_config([f"{g}={o}" for g, o in zip(GROUPS, choice, strict=True)])
     dataset, model = choice[0], choice[1]
+    required = ["dataset.root=my_images"] if dataset == "folder" else []  # no default there
+    cfg = compose_config([f"{g}={o}" for g, o in zip(GROUPS, choice, strict=True)] + required)
     if dataset == "sinusoid" and model.startswith("conv4"):
         with pytest.raises(ConfigError, match="^model: .* needs an image dataset"):
             validate(cfg)
@@ -204,7 +205,7 @@ def test_eval_requires_a_checkpoint():
     [
         (
             ["dataset=imagenet"],
-            "Could not find 'dataset/imagenet' (choose from miniimagenet, omniglot, sinusoid)",
+            "Could not find 'dataset/imagenet' (choose from folder, miniimagenet, omniglot, sinusoid)",
         ),
         (["algorithm.inner_rate=0.1"], "Could not override 'algorithm.inner_rate' (no such key;"),
         (["--help"], "--help"),

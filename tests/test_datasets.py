@@ -19,7 +19,7 @@ import pytest
 import torch
 from PIL import Image
 
-from mamlrun.data import miniimagenet, omniglot
+from mamlrun.data import miniimagenet, omniglot, preprocess
 from mamlrun.data.files import download_file, file_md5
 from mamlrun.data.miniimagenet import load_miniimagenet
 from mamlrun.data.omniglot import (
@@ -384,7 +384,7 @@ def test_miniimagenet_image_folder(tmp_path, monkeypatch):
         raise AssertionError("decoded an image although the cache holds the tensor")
 
     with monkeypatch.context() as patch:
-        patch.setattr(miniimagenet.Image, "open", no_decoding)
+        patch.setattr(preprocess.Image, "open", no_decoding)
         again = load_miniimagenet(tmp_path / "data", "validation", cache_dir=tmp_path / "cache")
     assert torch.equal(again, images)
 
