@@ -196,6 +196,8 @@ def test_bad_support_query_and_checkpoints_are_one_line(grayscale_run, tmp_path)
     color = tmp_path / "color"
     for c in "ab":
         _image(color / c / "1.png", ord(c), color=c == "b")
+    single = tmp_path / "single"
+    _image(single / "a" / "1.png", 0)
     labelled = tmp_path / "labelled"
     _image(labelled / "z" / "1.png", 0)
     broken = tmp_path / "broken.pt"
@@ -203,6 +205,7 @@ def test_bad_support_query_and_checkpoints_are_one_line(grayscale_run, tmp_path)
     cases = [
         ((f"checkpoint={grayscale_run}", f"support={empty}"), "empty/a: no images"),
         ((f"checkpoint={grayscale_run}", f"support={many}"), "4 classes, but the model was"),
+        ((f"checkpoint={grayscale_run}", f"support={single}"), "needs at least two classes"),
         ((f"checkpoint={grayscale_run}", f"support={color}"), "b/1.png: a color image, but"),
         ((*good, f"query={labelled}"), "labelled/z: not a class of the support set (a, b, c)"),
         ((*good, f"query={tmp_path / 'nothing'}"), "no such image file or folder"),

@@ -205,7 +205,7 @@ def test_eval_requires_a_checkpoint():
     [
         (
             ["dataset=imagenet"],
-            "Could not find 'dataset/imagenet' (choose from folder, miniimagenet, omniglot, sinusoid)",
+            "Could not find 'dataset/imagenet' (choose from folder, folder_drawings, miniimagenet,",
         ),
         (["algorithm.inner_rate=0.1"], "Could not override 'algorithm.inner_rate' (no such key;"),
         (["--help"], "--help"),
@@ -228,17 +228,18 @@ def _leaf_keys(node, prefix: str = "") -> list[str]:
     return keys
 
 
-@pytest.mark.parametrize("dataset", ["sinusoid", "omniglot"])
+@pytest.mark.parametrize("dataset", ["sinusoid", "omniglot", "folder"])
 def test_every_key_refuses_hostile_values_in_one_line(dataset):
     """Fuzzed input: every leaf key of the composed config, set to a wrong type, a negative
     number or a list, either validates or fails with a one-line UserError naming a key; never
     another exception (a traceback for the user)."""
-    keys = [k for k in _leaf_keys(compose_config([f"dataset={dataset}"])) if k != "paper"]
+    base = [f"dataset={dataset}"] + (["dataset.root=my_images"] if dataset == "folder" else [])
+    keys = [k for k in _leaf_keys(compose_config(base)) if k != "paper"]
     assert len(keys) > 40
     accepted = []
     for key, value in itertools.product(keys, ["abc", "-1", "[1,2]"]):
         try:
-            validate(compose_config([f"dataset={dataset}", f"{key}={value}"]))
+            validate(compose_config([*base, f"{key}={value}"]))
             accepted.append(f"{key}={value}")
         except UserError as error:
             assert "\n" not in str(error) and ("." in str(error) or ":" in str(error)), error

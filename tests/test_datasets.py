@@ -19,7 +19,7 @@ import pytest
 import torch
 from PIL import Image
 
-from mamlrun.data import miniimagenet, omniglot, preprocess
+from mamlrun.data import omniglot, preprocess
 from mamlrun.data.files import download_file, file_md5
 from mamlrun.data.miniimagenet import load_miniimagenet
 from mamlrun.data.omniglot import (

@@ -40,7 +40,7 @@ def test_data_verify_names_the_missing_file(tmp_path):
 
 def test_data_refuses_what_hydra_cannot_compose_in_one_line(tmp_path):
     for overrides, message in (
-        (("dataset=imagenet",), "choose from folder, miniimagenet, omniglot, sinusoid"),
+        (("dataset=imagenet",), "choose from folder, folder_drawings, miniimagenet, omniglot"),
         (("dataset=omniglot", "dataset.wayz=5"), "Could not override 'dataset.wayz'"),
     ):
         result = run_mamlrun("data", "verify", *overrides, cwd=tmp_path, expect_ok=False)

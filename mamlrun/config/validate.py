@@ -422,7 +422,10 @@ def _check_folder(dataset: FolderDataset) -> None:
     )
     values = [splits[split] for split in SPLITS]
     counts = all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in values)
-    fractions = all(is_fraction(float(v)) for v in values if not isinstance(v, bool))
+    fractions = all(
+        isinstance(v, int | float) and not isinstance(v, bool) and is_fraction(float(v))
+        for v in values
+    )
     _check(
         counts or (fractions and abs(sum(values) - 1) < 1e-6),
         "dataset.splits",

@@ -142,6 +142,10 @@ def read_support(
         raise UserError(
             f"support={folder}: no class folders; put each class's images in support/<class>/"
         )
+    if len(classes) < 2:
+        raise UserError(
+            f"support={folder}: {len(classes)} class folder; a task needs at least two classes"
+        )
     if len(classes) > ways:
         raise UserError(
             f"support={folder}: {len(classes)} classes, but the model was meta-trained on "
