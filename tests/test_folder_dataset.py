@@ -121,7 +121,6 @@ def _train(*args: str, cwd: Path, expect_ok: bool = True):
         "algorithm.meta_batch_size=2",
         "algorithm.inner_steps=1",
         "algorithm.test_inner_steps=1",
-        "model.filters=4",
         "train.iterations=2",
         *QUICK,
         "train.val_tasks=2",
@@ -130,6 +129,41 @@ def _train(*args: str, cwd: Path, expect_ok: bool = True):
         cwd=cwd,
         expect_ok=expect_ok,
     )
+
+
+@pytest.mark.parametrize(
+    "choice",
+    [
+        ("algorithm.engine=learn2learn", "dataset.sampler=learn2learn"),
+        ("algorithm.engine=vmap", "dataset.sampler=tensor", "dataset.rotations=true"),
+        ("model=flat_linear",),
+    ],
+    ids=["learn2learn", "vmap-tensor-rotations", "target-model"],
+)
+def test_both_engines_both_samplers_and_any_module_run_on_a_folder(tmp_path, choice):
+    """Classes of 3 to 6 images of mixed sizes; a `_target_` model sized by the user."""
+    root = tmp_path / "data"
+    for c in range(9):
+        for i in range(3 + c % 4):
+            _image(root / f"class{c}" / f"{i}.png", 10 * c + i, size=(20 + 7 * i, 24))
+    conf = tmp_path / "myconf" / "model"
+    conf.mkdir(parents=True)
+    (conf / "flat_linear.yaml").write_text(
+        "_target_: torch.nn.Sequential\n_args_:\n  - _target_: torch.nn.Flatten\n"
+        "  - _target_: torch.nn.Linear\n    in_features: 768\n    out_features: 3\n"
+    )
+    run_dir = tmp_path / "run"
+    _train(
+        f"dataset.root={root}",
+        "dataset.splits={train:3,validation:3,test:3}",
+        "dataset.ways=3",
+        *choice,
+        f"hydra.searchpath=[file://{tmp_path / 'myconf'}]",
+        f"hydra.run.dir={run_dir}",
+        cwd=tmp_path,
+    )
+    accuracy = json.loads((run_dir / "eval.json").read_text())["results"]["3-way 1-shot"]["acc"]
+    assert len(accuracy["mean"]) == 2 and all(0 <= a <= 1 for a in accuracy["mean"])
 
 
 def test_bad_folders_fail_in_one_line_before_any_work(tmp_path):
