@@ -6,12 +6,14 @@ import json
 import os
 import subprocess
 import sys
-import zipfile
 from pathlib import Path
 
 import pytest
 import torch
 from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+import omniglot_as_folder  # noqa: E402  (scripts/ is not a package)
 
 from mamlrun.analysis.throughput import THROUGHPUT_ENV, THROUGHPUT_FILE
 from mamlrun.maml.models import BatchStatNorm
@@ -39,24 +41,14 @@ needs_omniglot = pytest.mark.skipif(
 
 
 def omniglot_characters(archive: str) -> dict[str, list[str]]:
-    """ "<set>/<alphabet>/<character>" -> its drawings' zip members, in the order mamlrun loads."""
-    with zipfile.ZipFile(OMNIGLOT / archive) as source:
-        members = [m for m in source.namelist() if m.endswith(".png")]
-    characters: dict[str, list[str]] = {}
-    for member in sorted(members, key=lambda m: m.split("/")):
-        characters.setdefault(member.rsplit("/", 1)[0], []).append(member)
-    return characters
+    """ "<set>/<alphabet>/<character>" -> its drawings' members in an official Omniglot zip."""
+    return omniglot_as_folder.omniglot_characters(OMNIGLOT / archive)
 
 
 def write_drawings(character: str, destination: Path, drawings: slice = slice(None)) -> list[Path]:
-    """Some raw 105x105 PNG drawings of an Omniglot character ("<set>/<alphabet>/<character>"),
-    copied out of the official archive into `destination`, as a user's folder would hold them."""
-    members = omniglot_characters(f"{character.split('/')[0]}.zip")[character][drawings]
-    destination.mkdir(parents=True, exist_ok=True)
-    with zipfile.ZipFile(OMNIGLOT / f"{character.split('/')[0]}.zip") as source:
-        for member in members:
-            (destination / member.rsplit("/", 1)[1]).write_bytes(source.read(member))
-    return sorted(destination.iterdir())
+    """Raw 105x105 PNG drawings of an Omniglot character copied into `destination`, as a user's
+    folder would hold them (scripts/omniglot_as_folder.py)."""
+    return omniglot_as_folder.write_drawings(OMNIGLOT, character, destination, drawings)
 
 
 # Small settings for a run that finishes in seconds; tests add what they check on top.

@@ -6,6 +6,8 @@ Classification on real Omniglot drawings is in test_folder_dataset.py and test_v
 import csv
 import json
 import math
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -98,6 +100,16 @@ def test_a_sinusoid_checkpoint_adapts_to_a_csv_of_points(sinusoid_run, tmp_path)
     program = load_program(out / meta["program"])
     with torch.no_grad():
         assert torch.allclose(program(grid.view(-1, 1))[:, 0], after, rtol=1e-4, atol=1e-4)
+    printed = subprocess.run(
+        [sys.executable, str(out / "predict.py"), *(f"{v}" for v in grid[:3].tolist())],
+        check=True,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    ).stdout.split()
+    assert [float(line.split(",")[1]) for line in printed] == pytest.approx(
+        after[:3].tolist(), abs=1e-4
+    )
     # without query=: a grid over the training x range; adapt.steps= overrides the test steps
     default = tmp_path / "default"
     run_mamlrun("adapt", *args[:2], "adapt.steps=1", f"adapt.out={default}", cwd=tmp_path)

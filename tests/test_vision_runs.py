@@ -109,8 +109,8 @@ def test_adapt_classifies_held_out_characters_from_their_raw_pngs(omniglot_run, 
     white): `mamlrun adapt` prepares them as training did (28x28, inverted) and, from 1 drawing
     per character (three tasks) or 5 (the first task's characters), labels their other drawings
     far above the 20% of chance.
-    The exported program, called by the README's own lines in a Python that never imports
-    mamlrun, gives the logits of the adapted model in mamlrun."""
+    The exported program, called by the exported predict.py in a Python that never imports
+    mamlrun, gives the logits of the adapted model in mamlrun and the predictions it printed."""
     from mamlrun.data.omniglot import load_omniglot, omniglot_splits
 
     characters = load_omniglot(OMNIGLOT).characters
@@ -131,29 +131,37 @@ def test_adapt_classifies_held_out_characters_from_their_raw_pngs(omniglot_run, 
     assert sum(accuracies[t] for t in range(3)) / 3 > 0.45, accuracies
     assert accuracies[3] > max(0.6, accuracies[0]), "5 drawings of the same characters do better"
 
-    logits = _logits_of_the_readme_lines(out, sorted(query.rglob("*.png")), tmp_path)
-    expected = _adapted_in_mamlrun(omniglot_run, support, sorted(query.rglob("*.png")))
+    images = sorted(query.rglob("*.png"))
+    logits, printed = _standalone(out, images, tmp_path)
+    expected = _adapted_in_mamlrun(omniglot_run, support, images)
     assert torch.allclose(logits, expected, atol=1e-5), (logits - expected).abs().max()
     with open(out / "predictions.csv", newline="") as file:
         rows = list(csv.DictReader(file))
-    printed = torch.tensor([float(row["probability"]) for row in rows])
-    assert torch.allclose(logits.softmax(dim=1).max(dim=1).values, printed, atol=1e-4)
+    assert [row[:2] for row in printed] == [[row["image"], row["predicted"]] for row in rows]
+    probabilities = torch.tensor([float(row["probability"]) for row in rows])
+    assert torch.allclose(logits.softmax(dim=1).max(dim=1).values, probabilities, atol=1e-4)
 
 
-def _logits_of_the_readme_lines(out: Path, images: list[Path], tmp_path: Path) -> torch.Tensor:
-    """Run the README's Python block in a fresh interpreter on `images`; its logits."""
-    readme = (out / "README.md").read_text()
-    code = readme.split("```python\n", 1)[1].split("```", 1)[0]
-    code = code.replace('out = "."', f"out = {str(out)!r}")
-    code = code.replace('paths = ["a.png", "b.png"]', f"paths = {[str(p) for p in images]!r}")
-    saved = tmp_path / "logits.pt"
-    code += (
-        f"\nimport sys\nassert 'mamlrun' not in sys.modules\ntorch.save(logits, {str(saved)!r})\n"
+def _standalone(out: Path, images: list[Path], tmp_path: Path) -> tuple[torch.Tensor, list]:
+    """The exported predict.py in fresh Pythons that never import mamlrun: its `predict`'s
+    logits, and the rows its command line prints (path, class, probability)."""
+    saved, paths = tmp_path / "logits.pt", [str(image) for image in images]
+    script = tmp_path / "call.py"
+    script.write_text(
+        f"import runpy, sys, torch\nfound = runpy.run_path({str(out / 'predict.py')!r})\n"
+        f"torch.save(found['predict']({paths!r}), {str(saved)!r})\n"
+        "assert 'mamlrun' not in sys.modules\n"
     )
-    script = tmp_path / "readme.py"
-    script.write_text(code)
     subprocess.run([sys.executable, str(script)], check=True, cwd=tmp_path, timeout=300)
-    return torch.load(saved)
+    printed = subprocess.run(
+        [sys.executable, str(out / "predict.py"), *paths],
+        check=True,
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=300,
+    ).stdout
+    return torch.load(saved), [line.split(",") for line in printed.splitlines()]
 
 
 def _adapted_in_mamlrun(run_dir: Path, support: Path, images: list[Path]) -> torch.Tensor:

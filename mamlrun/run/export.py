@@ -1,6 +1,7 @@
 """An adapted model written so that it runs without mamlrun: its weights, a `torch.export`
 program (TorchScript where export cannot trace the model), a JSON of what the inputs and outputs
-mean, and a README with the lines that load and call it in plain PyTorch.
+mean, `predict.py` (the lines that prepare inputs as training did, load the program and call it,
+with torch, numpy and PIL only) and a README showing them.
 
 The program is loaded back and compared with the model it came from before the command ends, so
 a program that does not compute what mamlrun printed is never handed over silently.
@@ -9,7 +10,6 @@ a program that does not compute what mamlrun printed is never handed over silent
 from __future__ import annotations
 
 import io
-import textwrap
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +24,7 @@ PROGRAM = "model.pt2"  # torch.export.save
 TORCHSCRIPT = "model.torchscript.pt"  # torch.jit.save, where torch.export fails
 META = "adapted.json"
 README = "README.md"
+PREDICT = "predict.py"  # standalone: torch, numpy, PIL
 
 
 def _program(model: nn.Module, example: torch.Tensor) -> tuple[str, bytes]:
@@ -68,6 +69,7 @@ def export_model(
         (name, program),
         (META, (jsonio.dumps(meta, indent=2) + "\n").encode()),
         (README, readme(meta).encode()),
+        (PREDICT, predict_script(meta).encode()),
     ):
         write_atomically(out / file, lambda handle, data=data: handle.write(data))
     with torch.no_grad():
@@ -77,56 +79,126 @@ def export_model(
     return meta
 
 
-def readme(meta: dict[str, Any]) -> str:
-    """How to use the exported model in plain PyTorch (no mamlrun), for its task type."""
+_IMAGES = '''\
+"""Predict with the model `mamlrun adapt` wrote here, without mamlrun:
+python predict.py image.png [image.jpg ...] prints path,class,probability per image."""
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+HERE = Path(__file__).resolve().parent
+model = @LOAD@
+classes = json.loads((HERE / "adapted.json").read_text())["classes"]
+
+
+def prepare(path):
+    """What mamlrun did to every training image."""
+    image = Image.open(path)
+    if image.mode in ("RGBA", "LA", "PA") or "transparency" in image.info:  # on white paper
+        white = Image.new("RGBA", image.size, (255, 255, 255, 255))
+        image = Image.alpha_composite(white, image.convert("RGBA"))
+    image = image.convert("@MODE@")
+    if image.size != (@SIZE@, @SIZE@):
+        image = image.resize((@SIZE@, @SIZE@), Image.LANCZOS)
+    pixels = np.asarray(image, dtype=np.float32).reshape(@SIZE@, @SIZE@, -1)@INVERT@
+    return torch.from_numpy(pixels / 255).permute(2, 0, 1)
+
+
+def predict(paths):
+    """Logits over the task's classes. Batch norm uses the statistics of this batch, as MAML's
+    does: pass a task's images together, not one at a time."""
+    with torch.no_grad():
+        return model(torch.stack([prepare(path) for path in paths]))[:, : len(classes)]
+
+
+if __name__ == "__main__":
+    paths = sys.argv[1:]
+    for path, p in zip(paths, predict(paths).softmax(dim=1)):
+        print(f"{path},{classes[int(p.argmax())]},{float(p.max()):.4f}")
+'''
+
+_POINTS = '''\
+"""Predict with the model `mamlrun adapt` wrote here, without mamlrun:
+python predict.py 0.5 1.0 2.5 prints x,y per input."""
+
+import sys
+from pathlib import Path
+
+import torch
+
+HERE = Path(__file__).resolve().parent
+model = @LOAD@
+
+
+def predict(x):
+    """Predictions [N, 1] for inputs x [N, 1]."""
+    with torch.no_grad():
+        return model(torch.as_tensor(x, dtype=torch.float32).view(-1, 1))
+
+
+if __name__ == "__main__":
+    x = [float(value) for value in sys.argv[1:]]
+    for value, y in zip(x, predict(x)[:, 0].tolist()):
+        print(f"{value},{y}")
+'''
+
+
+def predict_script(meta: dict[str, Any]) -> str:
+    """PREDICT: a standalone script (torch, numpy, PIL) that loads the program and predicts."""
     load = (
-        "model = torch.export.load(f'{out}/model.pt2').module()"
+        'torch.export.load(HERE / "model.pt2").module()'
         if meta["program"] == PROGRAM
-        else "model = torch.jit.load(f'{out}/model.torchscript.pt')"
+        else 'torch.jit.load(HERE / "model.torchscript.pt")'
     )
-    head = f"# An adapted model written by `mamlrun adapt`\n\nFrom {meta['checkpoint']}, adapted "
-    head += f"with {meta['steps']} steps of size {meta['inner_lr']} on {meta['support']}.\n\n"
     if meta["task_type"] == "regression":
-        body = f"""\
-            ```python
-            import torch
-
-            out = "."  # this folder
-            {load}
-            x = torch.linspace(-5, 5, 100).view(-1, 1)  # inputs [N, {meta["input_shape"][0]}]
-            y = model(x)  # predictions [N, 1]
-            ```
-            """
-        return head + textwrap.dedent(body)
+        return _POINTS.replace("@LOAD@", load)
     prep = meta["preprocessing"]
-    mode, size = ("L" if prep["channels"] == 1 else "RGB"), prep["size"]
-    invert = "\n            pixels = 255 - pixels" if prep["invert"] else ""
-    body = f"""\
-        ```python
-        import json
+    invert = (
+        "\n    pixels = 255 - pixels  # dark ink on white paper becomes high"
+        if prep["invert"]
+        else ""
+    )
+    script = _IMAGES.replace("@LOAD@", load).replace("@INVERT@", invert)
+    script = script.replace("@MODE@", "L" if prep["channels"] == 1 else "RGB")
+    return script.replace("@SIZE@", str(prep["size"]))
 
-        import numpy as np
-        import torch
-        from PIL import Image
 
-        out = "."  # this folder
-        {load}
-        classes = json.load(open(f"{{out}}/adapted.json"))["classes"]
-
-        def prepare(path):  # what mamlrun did to every training image
-            image = Image.open(path).convert("{mode}").resize(({size}, {size}), Image.LANCZOS)
-            pixels = np.asarray(image, dtype=np.float32).reshape({size}, {size}, -1){invert}
-            return torch.from_numpy(pixels / 255).permute(2, 0, 1)
-
-        paths = ["a.png", "b.png"]
-        logits = model(torch.stack([prepare(p) for p in paths]))[:, : len(classes)]
-        probabilities = logits.softmax(dim=1)
-        print([classes[i] for i in probabilities.argmax(dim=1)])
-        ```
-
-        The network normalizes with the statistics of the batch it is given (batch norm without
-        running averages, as MAML's): give it the images of a task together, as mamlrun did, and
-        not one at a time. Its outputs beyond the first {len(meta["classes"])} are the unused labels
-        of a {meta["ways"]}-way model.
-        """
-    return head + textwrap.dedent(body)
+def readme(meta: dict[str, Any]) -> str:
+    """How to use the exported model in plain PyTorch (no mamlrun)."""
+    kind = "torch.export" if meta["program"] == PROGRAM else "TorchScript"
+    example = "0.5 1.0 2.5" if meta["task_type"] == "regression" else "image.png other.jpg"
+    lines = [
+        "# An adapted model written by `mamlrun adapt`",
+        "",
+        f"{meta['checkpoint']} adapted with {meta['steps']} steps of size {meta['inner_lr']} "
+        f"on {meta['support']}.",
+        "",
+        f"- `{meta['program']}`: the adapted network ({kind}), any batch size",
+        f"- `{WEIGHTS}`: its state_dict; `{META}`: classes, preprocessing, steps",
+        f"- `{PREDICT}`: loads it and predicts, with torch, numpy and PIL only:",
+        "",
+        "```bash",
+        f"python predict.py {example}",
+        "```",
+        "",
+        "or, in Python, the same lines:",
+        "",
+        "```python",
+        predict_script(meta).rstrip(),
+        "```",
+        "",
+    ]
+    if meta["task_type"] != "regression":
+        lines[-1:-1] = [
+            "",
+            "The network normalizes with the statistics of the batch it is given (batch norm "
+            "without running averages, as MAML's): give it a task's images together, as mamlrun "
+            f"did, not one at a time. Outputs beyond the first {len(meta['classes'])} are the "
+            f"unused labels of a {meta['ways']}-way model.",
+        ]
+    return "\n".join(lines) + "\n"
