@@ -24,7 +24,7 @@ from mamlrun.maml.models import build_model
 from mamlrun.maml.objectives import TASK_TYPES
 from mamlrun.maml.vmap_engine import VmapEngine
 from mamlrun.run.adapt import _read_image
-from mamlrun.run.export import load_program
+from mamlrun.run.export import export_model, load_program
 
 CONV4 = dict(filters=8, pooling="stride", head="mean", init="authors", head_init="normal")
 MLP = dict(hidden=[40, 40], activation="relu", init="torch", batch_norm=True)
@@ -251,3 +251,27 @@ def test_a_grayscale_image_is_refused_by_a_color_model_unless_converted(tmp_path
     assert _read_image(tmp_path / "gray.png", color, convert=True).shape == (3, 16, 16)
     gray = Preprocessing(size=16, channels=1)
     assert _read_image(tmp_path / "gray_as_rgb.png", gray, convert=False).shape == (1, 16, 16)
+
+
+class _DataDependent(torch.nn.Module):
+    """A branch on a value: torch.export refuses it, TorchScript's trace records the path."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = torch.nn.Linear(1, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.linear(x)
+        return y * 2 if bool(y.sum() > -1e9) else y
+
+
+def test_a_model_torch_export_refuses_is_saved_as_torchscript(tmp_path):
+    meta = {"task_type": "regression", "checkpoint": "c.pt", "steps": 1, "inner_lr": 0.1}
+    model, x = _DataDependent(), torch.linspace(-1, 1, 7).view(-1, 1)
+    with pytest.warns(UserWarning, match="torch.export cannot export the model"):
+        written = export_model(model, x, tmp_path, {**meta, "support": "points.csv"})
+    assert written["program"] == "model.torchscript.pt" and not (tmp_path / "model.pt2").exists()
+    with torch.no_grad():
+        assert torch.allclose(load_program(tmp_path / written["program"])(x), model(x))
+    assert "torch.jit.load" in (tmp_path / "predict.py").read_text()
+    assert json.loads((tmp_path / "adapted.json").read_text())["program"] == written["program"]

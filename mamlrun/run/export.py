@@ -10,6 +10,7 @@ a program that does not compute what mamlrun printed is never handed over silent
 from __future__ import annotations
 
 import io
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -29,24 +30,34 @@ PREDICT = "predict.py"  # standalone: torch, numpy, PIL
 
 def _program(model: nn.Module, example: torch.Tensor) -> tuple[str, bytes]:
     """(file name, bytes) of the model as a torch.export program with any batch size, else as
-    TorchScript traced on `example`."""
+    TorchScript traced on `example` (with a one-line warning saying why)."""
     buffer = io.BytesIO()
     try:
         batch = torch.export.Dim("batch", min=1)
         program = torch.export.export(model, (example,), dynamic_shapes=({0: batch},))
         torch.export.save(program, buffer)
         return PROGRAM, buffer.getvalue()
-    except Exception:  # noqa: BLE001 - export refuses many constructs; TorchScript may not
+    except Exception as error:  # noqa: BLE001 - export refuses many constructs; TorchScript may not
+        reason = (str(error).strip().splitlines() or [type(error).__name__])[0][:200]
+    warnings.warn(
+        f"torch.export cannot export the model ({reason}); saved as TorchScript traced on the "
+        "inputs instead, where branches on values are fixed as they went for these inputs",
+        stacklevel=3,
+    )
+    with warnings.catch_warnings():  # TorchScript's deprecation and tracer notices
+        warnings.simplefilter("ignore")
         traced = torch.jit.trace(model, (example,), check_trace=False)
         torch.jit.save(traced, buffer)
-        return TORCHSCRIPT, buffer.getvalue()
+    return TORCHSCRIPT, buffer.getvalue()
 
 
 def load_program(path: Path) -> Any:
     """The callable saved at `path` (either format), as the README shows."""
     if path.name == PROGRAM:
         return torch.export.load(path).module()
-    return torch.jit.load(path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # TorchScript is deprecated, still loads
+        return torch.jit.load(path)
 
 
 def export_model(
