@@ -218,9 +218,10 @@ RUN = [
     "print_config=false",
     "hardware.threads=1",
 ]
-# float32: the 2-rank sum rounds differently from the 1-process mean (about 1e-7 per step), and
-# 300 Adam steps carry that along; measured here at about 1e-6 relative.
-TRAIN_TOLERANCE = 1e-4
+# float32: the 2-rank sum of half-batch means rounds differently from the 1-process mean, and
+# 300 Adam steps carry that along: measured at 1.4e-7 relative (the largest tensor), eval.json's
+# means at 2.6e-8; the bound leaves a margin for other CPUs' rounding.
+TRAIN_TOLERANCE = 1e-5
 
 
 def _env() -> dict[str, str]:
@@ -290,7 +291,7 @@ def test_two_ranks_train_the_parameters_of_one_process(two_runs):
     for row, expected in zip(rows, reference, strict=True):
         for key, value in expected.items():
             if isinstance(value, float):
-                assert row[key] == pytest.approx(value, rel=1e-4), (row, key)
+                assert row[key] == pytest.approx(value, rel=TRAIN_TOLERANCE), (row, key)
 
 
 def test_two_ranks_agree_with_one_process_on_eval_json(two_runs):
@@ -300,7 +301,7 @@ def test_two_ranks_agree_with_one_process_on_eval_json(two_runs):
     for label, result in theirs["results"].items():
         for stat in ("mean", "median", "std"):
             assert ours["results"][label]["mse"][stat] == pytest.approx(
-                result["mse"][stat], rel=1e-4
+                result["mse"][stat], rel=TRAIN_TOLERANCE
             ), (label, stat)
 
 
@@ -347,6 +348,45 @@ def test_kill_9_of_one_rank_ends_the_job_and_its_resume_equals_an_uninterrupted_
     # the same run to 300 iterations: continues from the checkpoint
     _run([*RUN, f"hydra.run.dir={run_dir}"], tmp_path, ranks=2)
     assert json.loads((run_dir / "job.json").read_text())["attempts"][-1]["start_iteration"] > 0
+    reference, _ = two_runs
+    for name, tensor in _weights(reference).items():
+        assert torch.equal(_weights(run_dir)[name], tensor), name
+
+
+def test_a_two_rank_run_resumed_by_one_process_continues_it(two_runs, tmp_path):
+    """Every rank draws the same task stream, so another world size may continue a run: 2 ranks
+    to iteration 100, then one process to 300, end with one process's parameters (float32
+    rounding of the 2-rank steps aside)."""
+    run_dir = tmp_path / "run"
+    first = [*RUN, f"hydra.run.dir={run_dir}", "train.iterations=100", "train.eval_at_end=false"]
+    _run(first, tmp_path, ranks=2)
+    _run([*RUN, f"hydra.run.dir={run_dir}"], tmp_path, ranks=1)
+    attempts = json.loads((run_dir / "job.json").read_text())["attempts"]
+    assert [(a["start_iteration"], a["world_size"]) for a in attempts] == [(0, 2), (100, 1)]
+    _, one = two_runs
+    ours = _weights(run_dir)
+    for name, tensor in _weights(one).items():
+        assert relative_error(ours[name], tensor) < TRAIN_TOLERANCE, name
+
+
+def test_a_signal_to_one_rank_stops_every_rank_after_the_same_iteration(two_runs, tmp_path):
+    """SIGTERM to rank 1 alone (a preemption's signal reaching the ranks at different times):
+    its flag travels with the next meta-gradient, both ranks stop after that iteration, rank 0
+    writes last.pt for it, and resume=auto ends with the uninterrupted 2-rank run's parameters."""
+    run_dir = tmp_path / "run"
+    log_path = tmp_path / "stopped.log"
+    with log_path.open("w") as log:
+        job = _torchrun([*RUN, f"hydra.run.dir={run_dir}"], tmp_path, stdout=log, stderr=log)
+        deadline = time.monotonic() + 120
+        while not (run_dir / "checkpoints/last.pt").is_file():
+            assert job.poll() is None and time.monotonic() < deadline, log_path.read_text()
+            time.sleep(0.1)
+        os.kill(_workers(job.pid)[-1], signal.SIGTERM)
+        assert job.wait(timeout=120) != 0
+    stopped = torch.load(run_dir / "checkpoints/last.pt", weights_only=True)["iteration"]
+    assert 0 < stopped < 300
+    assert f"stopped by SIGTERM after iteration {stopped:,};" in log_path.read_text()
+    _run([*RUN, f"hydra.run.dir={run_dir}"], tmp_path, ranks=2)
     reference, _ = two_runs
     for name, tensor in _weights(reference).items():
         assert torch.equal(_weights(run_dir)[name], tensor), name

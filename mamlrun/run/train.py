@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -83,7 +84,13 @@ def run_train(cfg: DictConfig) -> float:
 
 
 def _follow(cfg: DictConfig, config, run_dir: Path, world) -> float:
-    """A rank other than 0: rank 0's refusal, else the same run, read from the same files."""
+    """A rank other than 0: rank 0's refusal, else the same run, read from the same files.
+    Its log lines stay out of the run directory's Hydra log (a SLURM task's, configured
+    before this runs)."""
+    for handler in logging.getLogger().handlers[:]:
+        if isinstance(handler, logging.FileHandler):
+            logging.getLogger().removeHandler(handler)
+            handler.close()
     refusal = world.broadcast(None)
     if refusal is not None:
         raise UserError(refusal)

@@ -184,9 +184,7 @@ class Trainer:
                 logged = iteration % loop.log_every == 0 or last
                 validated = iteration % loop.val_every == 0 or last
                 saved = iteration % loop.checkpoint_every == 0 or last
-                self._step(logged, stop.signum is not None)
-                if self.reduce is not None and self.reduce.agreed_stop():
-                    stop.signum = stop.signum or signal.SIGTERM  # another rank was signalled
+                stopping = self._step(logged, stop)
                 writes = logged or validated or saved
                 if stops and (every_step or writes):
                     # before anything is written; on a CPU only the new step is unread
@@ -196,30 +194,38 @@ class Trainer:
                     self._log(iteration, started, bar, task)
                 if validated:
                     self._validate(iteration)
-                if saved or stop.signum is not None or self.pruned_at is not None:
+                if saved or stopping or self.pruned_at is not None:
                     self._checkpoint(rundir.LAST, iteration)
                 bar.update(task, completed=iteration)
                 if self.pruned_at is not None:
                     self.seconds = time.perf_counter() - started
                     raise Pruned(iteration)
-                if stop.signum is not None:
+                if stopping:
                     self.seconds = time.perf_counter() - started
                     raise stop.interrupted(iteration, str(self.last_good[0]), str(self.run_dir))
         self.seconds = time.perf_counter() - started
 
-    def _step(self, logged: bool, stopping: bool = False) -> None:
+    def _step(self, logged: bool, stop: StopRequests) -> bool:
         """One meta-iteration. The pre-adaptation query loss costs an extra forward pass:
         measured only on the last meta-batch of each logging window (the post-adaptation one on
         all). Statistics stay on the device until logged: no wait for the GPU per iteration.
 
-        Every rank draws the whole meta-batch and keeps its share (`World.slice`); `stopping`
-        (this rank was signalled) goes to the other ranks with the meta-gradient."""
+        Every rank draws the whole meta-batch and keeps its share (`World.slice`). Returns
+        whether the run stops after this iteration: it was signalled (`stop`); with several
+        ranks, a signal goes to all of them with the meta-gradient and they stop after the same
+        step (one signalled during this step stops after the next)."""
         algorithm = self.config.algorithm
-        if stopping and self.reduce is not None:
+        if stop.signum is not None and self.reduce is not None:
             self.reduce.request_stop()
         batch = self.train_tasks.sample(algorithm.meta_batch_size)
         batch = self.world.slice(batch).to(self.device)
         self.window.append(self.meta_step(batch, algorithm.inner_steps, measure_before=logged))
+        if self.reduce is None:
+            return stop.signum is not None
+        if not self.reduce.agreed_stop():
+            return False
+        stop.signum = stop.signum or signal.SIGTERM  # another rank was signalled
+        return True
 
     def _stop_if_nonfinite(
         self, iteration: int, window: list | None = None, check_state: bool = False
