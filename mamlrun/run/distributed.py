@@ -23,6 +23,7 @@ rank whose peer died fails instead of waiting forever.
 from __future__ import annotations
 
 import datetime
+import hashlib
 import os
 import shutil
 import subprocess
@@ -272,19 +273,47 @@ def checksum(tensors: Iterable[torch.Tensor]) -> torch.Tensor:
     return total
 
 
-def check_in_sync(module: torch.nn.Module, world: World, iteration: int) -> None:
-    """Every rank holds the same parameters (their checksums are bit-equal).
+def digest(value: Any) -> str:
+    """A hash of plain data (tensors, numbers, strings, containers): sampler and RNG states."""
+    found = hashlib.sha256()
+
+    def add(item: Any) -> None:
+        if isinstance(item, torch.Tensor):
+            found.update(item.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy())
+        elif isinstance(item, dict):
+            for key in sorted(item, key=str):
+                found.update(str(key).encode())
+                add(item[key])
+        elif isinstance(item, list | tuple):
+            for part in item:
+                add(part)
+        else:
+            found.update(repr(item).encode())
+
+    add(value)
+    return found.hexdigest()
+
+
+def check_in_sync(module: torch.nn.Module, world: World, iteration: int, state: Any = None) -> None:
+    """Every rank holds the same parameters (their checksums are bit-equal) and the same `state`
+    (the sampler's and the RNGs': what a checkpoint, written by rank 0, holds once for all).
 
     Raises:
         RuntimeError: they differ: a bug, not a setting, so no UserError.
     """
     if not world.distributed:
         return
-    sums = world.gather(checksum(module.parameters()))
-    if any(not torch.equal(sums[0], other) for other in sums[1:]):
+    mine = (checksum(module.parameters()), digest(state))
+    found = world.gather(mine)
+    if any(not torch.equal(found[0][0], sums) for sums, _ in found[1:]):
         raise RuntimeError(
             f"iteration {iteration}: the ranks' parameters differ (checksums "
-            f"{[s.tolist() for s in sums]}); data-parallel training lost step"
+            f"{[sums.tolist() for sums, _ in found]}); data-parallel training lost step"
+        )
+    if any(found[0][1] != other for _, other in found[1:]):
+        raise RuntimeError(
+            f"iteration {iteration}: the ranks' task sampler or RNG states differ; "
+            "data-parallel training lost step"
         )
 
 

@@ -270,7 +270,8 @@ class Trainer:
         self.window, self.skipped = [], self.skipped + skipped
         if self.device.type == "cuda":
             means["gpu_peak_mib"] = torch.cuda.max_memory_allocated(self.device) / 2**20
-        distributed.check_in_sync(self.model, self.world, iteration)
+        state = {"sampler": self.train_tasks.state_dict(), "rng": rundir.rng_state()}
+        distributed.check_in_sync(self.model, self.world, iteration, state)
         row = self.metrics.write(iteration, "train", means)
         self.tracker.log(prefixed("train", row), iteration)
         rate = (iteration - self.start) / (time.perf_counter() - started)
