@@ -423,3 +423,15 @@ def test_a_signal_to_one_rank_stops_every_rank_after_the_same_iteration(tmp_path
     stopped = torch.load(run_dir / "checkpoints/last.pt", weights_only=True)["iteration"]
     assert 0 < stopped < 300
     assert f"stopped by SIGTERM after iteration {stopped:,};" in log_path.read_text()
+
+
+def test_torchruns_ranks_on_a_node_share_its_cores(monkeypatch):
+    from mamlrun.run.runtime import default_threads
+
+    cores = len(os.sched_getaffinity(0))
+    monkeypatch.delenv("MAMLRUN_CONCURRENT_JOBS", raising=False)
+    monkeypatch.delenv("SLURM_JOB_ID", raising=False)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    assert default_threads() == max(1, cores // 2)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")
+    assert default_threads() == cores

@@ -113,13 +113,10 @@ def detect(environ: Mapping[str, str] | None = None) -> World:
 
 
 def local_processes(environ: Mapping[str, str] | None = None) -> int:
-    """How many ranks of the run share this node (their cores are divided among them)."""
+    """How many of torchrun's ranks share this node and its cores (LOCAL_WORLD_SIZE). A SLURM
+    task needs no such share: its CPUs are its own (SLURM_CPUS_PER_TASK, its affinity)."""
     env = os.environ if environ is None else environ
-    if "LOCAL_WORLD_SIZE" in env:
-        return max(1, int(env["LOCAL_WORLD_SIZE"]))
-    if "SLURM_STEP_TASKS_PER_NODE" in env and "SLURM_CPUS_PER_TASK" not in env:
-        return max(1, int(env["SLURM_STEP_TASKS_PER_NODE"].split("(")[0].split(",")[0]))
-    return 1
+    return max(1, int(env.get("LOCAL_WORLD_SIZE", "1")))
 
 
 def rendezvous(environ: dict[str, str] | None = None) -> None:
