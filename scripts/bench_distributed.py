@@ -1,7 +1,7 @@
 """Meta-training throughput of data-parallel ranks against one process, side by side.
 
     OMP_NUM_THREADS=1 .venv/bin/python scripts/bench_distributed.py [--ranks 2] [--seconds 20]
-        [--settings omniglot_5w1s omniglot_20w1s] [--device cpu]
+        [--rounds 2] [--settings omniglot_5w1s omniglot_20w1s] [--device cpu]
 
 For each setting (the paper's preset `conf/experiment/finn2017/<setting>.yaml`: its meta-batch,
 inner steps and learning rates, second order, the vmap engine) it runs training's own step
@@ -14,17 +14,20 @@ inner steps and learning rates, second order, the vmap engine) it runs training'
 
 The images are synthetic, of Omniglot's shape (1623 classes of 20 images, 28x28), so that no
 dataset is read; the cost of a step does not depend on what the pixels show. Every rank draws the
-whole meta-batch and keeps its share (the design of `mamlrun.run.distributed`); the sampling
-column is the time of that draw alone, with the tensor sampler and with the learn2learn one.
-Each contender runs one untimed warm-up of 3 steps, then steps for `--seconds`; the table gives
-iterations per second and the ratio. Results go to docs/benchmarks.md with the command.
+whole meta-batch and keeps its share (the design of `mamlrun.run.distributed`); the draw columns
+are the time of that draw alone on one thread, with the tensor sampler and the learn2learn one.
+Each contender runs one untimed warm-up of 3 steps, then steps for `--seconds`; the rounds
+alternate the contenders' order and the table gives each one's median iterations per second and
+the ratio. Results go to docs/benchmarks.md with the command.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import socket
+import statistics
 import sys
 import tempfile
 import time
@@ -40,7 +43,7 @@ from mamlrun.data.fewshot import ClassificationTasks, TensorClassificationTasks
 from mamlrun.maml.step import MetaStep
 from mamlrun.run.build import engine_for, meta_optimizer, model_for
 from mamlrun.run.distributed import MetaGradientSum, World
-from mamlrun.run.runtime import cpu_model
+from mamlrun.run.runtime import cpu_model, select_device
 
 WARMUP_STEPS = 3
 OMNIGLOT_SHAPE = (1623, 20, 28, 28)
@@ -74,6 +77,8 @@ def _sampler(config, images, device, kind: str = "tensor"):
 def steps_per_second(setting: str, world: World, device: str, seconds: float) -> float:
     """Training's step on `world`'s share of every meta-batch, for `seconds` after the warm-up."""
     config = _config(setting, device)
+    # training's process set-up (malloc, determinism, precision) with this contender's threads
+    select_device(dataclasses.replace(config.hardware, threads=torch.get_num_threads()))
     torch.manual_seed(0)
     model = model_for(config.model, config.dataset).to(device)
     engine = engine_for(model, config.algorithm, config.dataset, config.hardware)
@@ -141,28 +146,47 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
+def _ranks_rates(options) -> dict[str, float]:
+    """Steps per second of `options.ranks` spawned ranks, per setting (rank 0's clock)."""
+    with tempfile.TemporaryDirectory() as out:
+        args = (options.ranks, _free_port(), options, out)
+        mp.spawn(_rank, args=args, nprocs=options.ranks, join=True)
+        return {s: float(Path(out, s).read_text()) for s in options.settings}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--ranks", type=int, default=2)
     parser.add_argument("--seconds", type=float, default=20.0)
     parser.add_argument("--settings", nargs="+", default=["omniglot_5w1s", "omniglot_20w1s"])
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--rounds", type=int, default=2)
     options = parser.parse_args()
     ranks = options.ranks
-    with tempfile.TemporaryDirectory() as out:
-        mp.spawn(_rank, args=(ranks, _free_port(), options, out), nprocs=ranks, join=True)
-        parallel = {s: float(Path(out, s).read_text()) for s in options.settings}
-    torch.set_num_threads(ranks)
     device = "cuda:0" if options.device == "cuda" else options.device
-    single = {s: steps_per_second(s, World(), device, options.seconds) for s in options.settings}
+    parallel: dict[str, list[float]] = {s: [] for s in options.settings}
+    single: dict[str, list[float]] = {s: [] for s in options.settings}
+    for round_ in range(options.rounds):  # alternated: a shared machine's load hits both
+        for contender in ("ranks", "single")[:: 1 if round_ % 2 == 0 else -1]:
+            if contender == "ranks":
+                for setting, rate in _ranks_rates(options).items():
+                    parallel[setting].append(rate)
+                continue
+            torch.set_num_threads(ranks)
+            for setting in options.settings:
+                single[setting].append(steps_per_second(setting, World(), device, options.seconds))
+    parallel = {s: statistics.median(rates) for s, rates in parallel.items()}
+    single = {s: statistics.median(rates) for s, rates in single.items()}
     where = torch.cuda.get_device_name(0) if options.device == "cuda" else cpu_model()
     print(
-        f"{where}, {len(os.sched_getaffinity(0))} cores; {options.seconds:g} s per contender; "
+        f"{where}, {len(os.sched_getaffinity(0))} cores; {options.seconds:g} s per contender, "
+        f"median of {options.rounds} round(s); "
         f"torch {torch.__version__}; {' '.join(sys.argv[1:]) or 'defaults'}"
     )
     one_name, many_name = f"1 proc x {ranks} thr", f"{ranks} ranks x 1 thr"
     header = f"{'setting':<16} {one_name:>15} {many_name:>15} {'ratio':>6}"
     print(header + f" {'draw tensor':>12} {'draw l2l':>9}")
+    torch.set_num_threads(1)  # the draws as one rank makes them
     for setting in options.settings:
         one, many = single[setting], parallel[setting]
         tensor, l2l = sampling_ms(setting, "tensor"), sampling_ms(setting, "learn2learn")
