@@ -270,8 +270,9 @@ class Trainer:
         self.window, self.skipped = [], self.skipped + skipped
         if self.device.type == "cuda":
             means["gpu_peak_mib"] = torch.cuda.max_memory_allocated(self.device) / 2**20
-        state = {"sampler": self.train_tasks.state_dict(), "rng": rundir.rng_state()}
-        distributed.check_in_sync(self.model, self.world, iteration, state)
+        if self.world.distributed:
+            state = {"sampler": self.train_tasks.state_dict(), "rng": rundir.rng_state()}
+            distributed.check_in_sync(self.model, self.world, iteration, state)
         row = self.metrics.write(iteration, "train", means)
         self.tracker.log(prefixed("train", row), iteration)
         rate = (iteration - self.start) / (time.perf_counter() - started)
@@ -301,10 +302,12 @@ class Trainer:
         containers of them; the samplers' and NumPy's RNG states included) so that it loads with
         `torch.load(weights_only=True)`: `rundir.save` checks it and writes atomically."""
         path = rundir.checkpoint_path(self.run_dir, name)
+        if self.world.is_main:
+            self._save(path, iteration)
         if name == rundir.LAST:
             self.last_good = (path, iteration)
-        if not self.world.is_main:
-            return
+
+    def _save(self, path: Path, iteration: int) -> None:
         rundir.save(
             path,
             {
