@@ -255,15 +255,15 @@ RUN = [
 TRAIN_TOLERANCE = 1e-5
 
 
-def _env() -> dict[str, str]:
+def _env(timeout_s: int = 30) -> dict[str, str]:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_SILENT": "true"}
-    env[distributed.TIMEOUT_ENV] = "30"
+    env[distributed.TIMEOUT_ENV] = str(timeout_s)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
     env.pop("WANDB_MODE", None)
     return env
 
 
-def _torchrun(args: list[str], cwd: Path, **popen) -> subprocess.Popen:
+def _torchrun(args: list[str], cwd: Path, timeout_s: int = 30, **popen) -> subprocess.Popen:
     command = [
         *TORCHRUN,
         "--nproc-per-node=2",
@@ -274,7 +274,7 @@ def _torchrun(args: list[str], cwd: Path, **popen) -> subprocess.Popen:
         "train",
         *args,
     ]
-    return subprocess.Popen(command, cwd=cwd, env=_env(), text=True, **popen)
+    return subprocess.Popen(command, cwd=cwd, env=_env(timeout_s), text=True, **popen)
 
 
 def _run(args: list[str], cwd: Path, ranks: int) -> None:
@@ -435,3 +435,26 @@ def test_torchruns_ranks_on_a_node_share_its_cores(monkeypatch):
     assert default_threads() == max(1, cores // 2)
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")
     assert default_threads() == cores
+
+
+def test_a_rank_waiting_for_a_peer_that_stopped_answering_times_out(tmp_path):
+    """SIGSTOP of rank 1 (alive, its sockets open: no error reaches rank 0): rank 0's next
+    collective fails after $MAMLRUN_DIST_TIMEOUT (5 s here) instead of waiting forever."""
+    run_dir = tmp_path / "run"
+    log_path = tmp_path / "stalled.log"
+    with log_path.open("w") as log:
+        args = [*RUN, f"hydra.run.dir={run_dir}", "train.iterations=100000"]
+        job = _torchrun(args, tmp_path, timeout_s=5, stdout=log, stderr=log)
+        deadline = time.monotonic() + 120
+        while not (run_dir / "checkpoints/last.pt").is_file():
+            assert job.poll() is None and time.monotonic() < deadline, log_path.read_text()
+            time.sleep(0.1)
+        rank0, rank1 = _workers(job.pid)
+        os.kill(rank1, signal.SIGSTOP)
+        try:
+            while Path(f"/proc/{rank0}").exists() and time.monotonic() < deadline:
+                time.sleep(0.2)
+        finally:
+            os.kill(rank1, signal.SIGCONT)  # so that torchrun's agent can end it
+        assert job.wait(timeout=120) != 0
+    assert "Timed out waiting 5000ms" in log_path.read_text()
