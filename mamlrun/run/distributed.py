@@ -203,6 +203,18 @@ def setup(world: World, device: str) -> None:
     )
 
 
+def shutdown(world: World, clean: bool) -> None:
+    """End this process's part in the process group. After a run that ended well (`clean`),
+    wait for every rank first: rank 0 may still be writing eval.json and plots, and a rank
+    that exits early makes torchrun stop the others. After a failure, leave at once (a peer may
+    be gone). Without it gloo's threads abort the interpreter's exit."""
+    if not world.distributed or not dist.is_initialized():
+        return
+    if clean:
+        dist.barrier()
+    dist.destroy_process_group()
+
+
 class MetaGradientSum:
     """`MetaStep`'s `reduce`: the global meta-batch's mean meta-gradient and statistics on every
     rank, from each rank's mean over its own tasks, in one flattened all-reduce.

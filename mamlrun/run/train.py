@@ -65,9 +65,19 @@ def run_train(cfg: DictConfig) -> float:
     if config.resume and config.resume != AUTO:
         run_dir = rundir.run_dir_of(rundir.resolve(config.resume, prefer=rundir.LAST))
     distributed.setup(world, config.hardware.device)
-    run_dir = _agreed_run_dir(world, run_dir)
-    if not world.is_main:
-        return _follow(cfg, config, run_dir, world)
+    try:
+        run_dir = _agreed_run_dir(world, run_dir)
+        value = (_lead if world.is_main else _follow)(cfg, config, run_dir, world)
+    except BaseException:
+        distributed.shutdown(world, clean=False)
+        raise
+    distributed.shutdown(world, clean=True)
+    return value
+
+
+def _lead(cfg: DictConfig, config, run_dir: Path, world) -> float:
+    """Rank 0 (or the one process): hold the run directory, decide what run it is and tell the
+    other ranks (its refusal, or to go on), then train."""
     decided = False
     try:
         with rundir.hold(run_dir):
