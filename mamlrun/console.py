@@ -47,8 +47,9 @@ def print_config_tree(config: dict[str, Any], title: str = "config") -> None:
     console.print(tree)
 
 
-def progress() -> Progress:
-    """Iterations done / total, it/s, elapsed, ETA and the latest losses (field `losses`)."""
+def progress(shown: bool = True) -> Progress:
+    """Iterations done / total, it/s, elapsed, ETA and the latest losses (field `losses`);
+    `shown=False` draws nothing (a data-parallel rank other than 0)."""
     return Progress(
         TextColumn("[bold]meta-train[/]"),
         BarColumn(),
@@ -60,6 +61,7 @@ def progress() -> Progress:
         TextColumn("{task.fields[losses]}"),
         console=console,
         transient=False,
+        disable=not shown,
     )
 
 

@@ -309,3 +309,35 @@ def test_a_job_that_fails_on_its_node_is_reported_in_the_sweeps_terminal(cluster
     assert lines[-2].startswith("mamlrun train: error in job 0 (model=conv4_omniglot")
     assert "needs an image dataset" in lines[-2]
     assert "sweep job(s) 0 failed" in lines[-1]
+
+
+def test_a_two_task_job_trains_one_run_data_parallel(cluster, tmp_path):
+    """`hydra.launcher.tasks_per_node=2`: submitit starts the job's two tasks with srun, they
+    rendezvous on the job's node and train one run; rank 0 alone writes it (one attempt in
+    job.json, world size 2; task 1 writes nothing into the run's Hydra log)."""
+    sweep = tmp_path / "sweep"
+    run_mamlrun(
+        "train",
+        "-m",
+        "hydra/launcher=slurm",
+        "hydra.launcher.tasks_per_node=2",
+        "algorithm.meta_batch_size=8",
+        "hardware.threads=1",
+        *TINY,
+        *ONE_CPU,
+        f"hydra.sweep.dir={sweep}",
+        cwd=tmp_path,
+        timeout=300,
+    )
+    (job,) = _jobs_in(sweep)
+    assert _squeue(job)[job] == (job, "COMPLETED")
+    run = sweep / "0"
+    assert json.loads((run / "eval.json").read_text())["tasks"] == 20
+    (attempt,) = _attempts(run)
+    assert attempt["world_size"] == 2 and attempt["slurm"]["job_id"] == job
+    state = torch.load(run / "checkpoints/last.pt", weights_only=True)
+    assert state["iteration"] == 200 and state["world_size"] == 2
+    logs = sweep / ".submitit" / job
+    assert {p.name for p in logs.glob("*_log.out")} == {f"{job}_0_log.out", f"{job}_1_log.out"}
+    assert "Traceback" not in (logs / f"{job}_1_log.err").read_text()
+    assert (run / "train.log").read_text().count("Job completed successfully") == 1

@@ -152,7 +152,7 @@ def _with_argv(name: str, entry: Callable[[], None]) -> Callable[[list[str]], No
         if name == "train":
             try:
                 args = [_expand_experiment(arg) for arg in args]
-                args = args + _resume_overrides(args)
+                args = args + _resume_overrides(args) + _rank_overrides(args)
             except UserError as err:
                 fail(name, str(err))
         sys.argv = [f"mamlrun {name}", *args]
@@ -210,6 +210,16 @@ def _resume_overrides(args: list[str]) -> list[str]:
     if not target.is_dir():
         return []  # run_train reports the missing checkpoint with a clear message
     return [f"hydra.run.dir={target.resolve()}", "hydra.output_subdir=null"]
+
+
+def _rank_overrides(args: list[str]) -> list[str]:
+    """A data-parallel rank other than 0 writes nothing in the run directory, Hydra's log file
+    included (`mamlrun.run.distributed`), unless the command line picks Hydra's logging itself."""
+    from mamlrun.run.distributed import detect
+
+    if detect().is_main or any(a.lstrip("+~").startswith("hydra/job_logging") for a in args):
+        return []
+    return ["hydra/job_logging=disabled"]
 
 
 train_command = _with_argv("train", _hydra_command("train", _train))

@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 import torch
 
@@ -99,6 +99,10 @@ class MetaStep:
             gradients and the optimizer in float32.
         skip_nonfinite: also keep a non-finite step out of the update where that needs the host
             to read the flag (`train.on_nonfinite=skip`); see below.
+        reduce: called with the step's statistics right after the engine's `meta_gradient`,
+            before clipping and the optimizer step; returns the statistics to report. Data-parallel
+            training sums the meta-gradients of several processes here
+            (`mamlrun.run.distributed.MetaGradientSum`); None: one process.
 
     A step whose meta-loss or meta-gradient is not finite, or whose update would leave a
     parameter or the optimizer's state non-finite (a finite meta-gradient whose square overflows
@@ -130,8 +134,10 @@ class MetaStep:
         cuda_graph: bool = False,
         bf16: bool = False,
         skip_nonfinite: bool = False,
+        reduce: Callable[[StepStats], StepStats] | None = None,
     ) -> None:
         self.engine = engine
+        self.reduce = reduce
         self.skip_nonfinite = skip_nonfinite
         self.optimizer = optimizer
         self.grad_clip = grad_clip
@@ -167,6 +173,8 @@ class MetaStep:
         self.optimizer.zero_grad(set_to_none=True)
         with self._autocast():
             stats = self.engine.meta_gradient(batch, inner_steps, measure_before=measure_before)
+        if self.reduce is not None:
+            stats = self.reduce(stats)
         if not self.skip_nonfinite:
             # `stop`: the step is applied and flagged by its loss alone (one cheap kernel); the
             # caller calls `state_is_finite` before it writes anything, which catches the rest

@@ -31,7 +31,7 @@ from mamlrun.config.validate import validate
 from mamlrun.data.atomic import write_atomically
 from mamlrun.errors import UserError
 from mamlrun.maml.engine import Engine
-from mamlrun.run import jsonio, rundir
+from mamlrun.run import distributed, jsonio, rundir
 from mamlrun.run.build import (
     engine_for,
     eval_shots,
@@ -40,6 +40,7 @@ from mamlrun.run.build import (
     setting_label,
     task_sampler,
 )
+from mamlrun.run.distributed import World
 from mamlrun.run.runtime import seed_everything, select_device
 from mamlrun.run.tracking import Tracker, make_tracker
 
@@ -68,13 +69,26 @@ def summarize(values: torch.Tensor) -> dict[str, list[float]]:
 
 
 def adaptation_curves(
-    engine: Engine, sampler: Any, tasks: int, steps: int, device: torch.device
+    engine: Engine,
+    sampler: Any,
+    tasks: int,
+    steps: int,
+    device: torch.device,
+    world: World | None = None,
 ) -> dict[str, torch.Tensor]:
-    """Per-task loss and metric after 0..steps adaptation steps on `tasks` tasks from `sampler`."""
+    """Per-task loss and metric after 0..steps adaptation steps on `tasks` tasks from `sampler`.
+
+    With several ranks every rank draws every chunk (the same tasks one process draws, chunk by
+    chunk) and adapts its share of it; the rows are gathered in task order."""
+    world = World() if world is None else world
+
+    def curves(batch):
+        return engine.adaptation_curve(batch.to(device), steps)
+
     parts: list[dict[str, torch.Tensor]] = []
     for start in range(0, tasks, EVAL_CHUNK):
-        batch = sampler.sample(min(EVAL_CHUNK, tasks - start)).to(device)
-        parts.append(engine.adaptation_curve(batch, steps))
+        batch = sampler.sample(min(EVAL_CHUNK, tasks - start))
+        parts.append(distributed.gather_curves(world, curves, batch))
     return {key: torch.cat([p[key] for p in parts]) for key in parts[0]}
 
 
@@ -84,14 +98,16 @@ def evaluate(
     algorithm: Algorithm,
     settings: EvalSettings,
     device: torch.device,
+    world: World | None = None,
 ) -> dict[str, Any]:
-    """Evaluate `engine.model` on `settings.tasks` test tasks per K; returns eval.json's dict."""
+    """Evaluate `engine.model` on `settings.tasks` test tasks per K, split across the ranks of
+    `world`; returns eval.json's dict."""
     steps = algorithm.test_inner_steps if settings.inner_steps is None else settings.inner_steps
     results: dict[str, Any] = {}
     started = time.perf_counter()
     for shots in eval_shots(dataset, settings.shots):
         sampler = task_sampler(dataset, "test", seed=settings.seed, shots=shots)
-        curves = adaptation_curves(engine, sampler, settings.tasks, steps, device)
+        curves = adaptation_curves(engine, sampler, settings.tasks, steps, device, world)
         results[setting_label(dataset, shots)] = {
             "shots": shots,
             engine.metric_name: summarize(curves[engine.metric_name]),
@@ -222,12 +238,16 @@ def evaluate_and_report(
     checkpoint: Path,
     iteration: int,
     step: int,
+    world: World | None = None,
 ) -> dict[str, Any]:
     """Evaluate with `config.eval` on `config.dataset`'s test tasks, then write eval.json and the
     plots, print the table and send both to the tracker at `step`. Shared by `mamlrun eval` and
-    the end of training."""
-    report = evaluate(engine, config.dataset, config.algorithm, config.eval, device)
+    the end of training. With several ranks all evaluate their share; rank 0 alone reports."""
+    world = World() if world is None else world
+    report = evaluate(engine, config.dataset, config.algorithm, config.eval, device, world)
     report.update(checkpoint=str(checkpoint), iteration=iteration)
+    if not world.is_main:
+        return report
     text = jsonio.dumps(report, indent=2) + "\n"  # all or nothing: a full disk keeps the old
     write_atomically(run_dir / rundir.EVAL, lambda file: file.write(text.encode()))
     columns, rows = table_rows(report)

@@ -305,7 +305,7 @@ def remove_temporaries(run_dir: Path) -> list[Path]:
     return left
 
 
-def record_attempt(run_dir: Path, start_iteration: int, threads: int) -> None:
+def record_attempt(run_dir: Path, start_iteration: int, threads: int, world_size: int = 1) -> None:
     """Add this process to `job.json`'s attempts (a fresh run starts the list anew): where each
     attempt ran and, in a SLURM job, its job id and restart count, so a requeued job's history is
     in the run directory. A damaged record is replaced: it is information, not state."""
@@ -325,6 +325,7 @@ def record_attempt(run_dir: Path, start_iteration: int, threads: int) -> None:
             "started": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
             "start_iteration": start_iteration,
             "threads": threads,
+            "world_size": world_size,  # processes training the run together (distributed)
             "slurm": slurm,
         }
     )

@@ -55,9 +55,12 @@ def default_threads() -> int:
     The cores are SLURM's allocation in a SLURM job (`SLURM_CPUS_PER_TASK`: the node may have more
     than the job may use), else the CPUs this process may run on; the share divides them by
     `MAMLRUN_CONCURRENT_JOBS`, the jobs running at once, which mamlrun's sweep launchers set
-    (several processes that each take every core run many times slower than with one each).
+    (several processes that each take every core run many times slower than with one each), and
+    by the ranks of a data-parallel run on this node (torchrun's LOCAL_WORLD_SIZE).
     """
-    cores = len(os.sched_getaffinity(0))
+    from mamlrun.run.distributed import local_processes
+
+    cores = max(1, len(os.sched_getaffinity(0)) // local_processes())
     if os.environ.get("SLURM_JOB_ID") and os.environ.get("SLURM_CPUS_PER_TASK", "").isdigit():
         cores = int(os.environ["SLURM_CPUS_PER_TASK"])
     concurrent = os.environ.get("MAMLRUN_CONCURRENT_JOBS", "1")

@@ -140,6 +140,14 @@ class MetricsFile:
         return row
 
 
+class UnwrittenMetrics:
+    """`MetricsFile` of a rank other than 0 in data-parallel training: rows are returned, never
+    written (rank 0 alone writes the run directory)."""
+
+    def write(self, iteration: int, split: str, metrics: dict[str, Any]) -> dict[str, Any]:
+        return {"iteration": iteration, "split": split, **metrics}
+
+
 def _complete_rows(path: Path) -> list[dict[str, Any]]:
     """The file's rows without a last line cut short (its process died, or the disk filled,
     while it was written): that row is logged again after the checkpoint anyway."""

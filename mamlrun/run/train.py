@@ -6,6 +6,9 @@ or `resume=` of an interrupted one) and ends it cleanly whatever happens.
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +21,7 @@ from mamlrun.config.compose import parse_overrides, to_container
 from mamlrun.config.validate import validate
 from mamlrun.data.atomic import write_atomically
 from mamlrun.errors import ConfigError, UserError
-from mamlrun.run import rundir
+from mamlrun.run import distributed, rundir
 from mamlrun.run.build import check_image_files, refuse_untrusted_targets
 from mamlrun.run.interrupt import Interrupted
 from mamlrun.run.pruning import Pruned
@@ -44,35 +47,104 @@ def run_train(cfg: DictConfig) -> float:
 
     The run directory is held (`rundir.hold`) from before the checkpoint is read until the run
     ends: a second `mamlrun train` into it is refused instead of interleaving its writes.
+
+    Launched as several processes (torchrun, srun: `mamlrun.run.distributed`), rank 0 decides
+    what run it is, holds the directory and writes its files; the other ranks take rank 0's run
+    directory (Hydra's timestamp may differ by a second between ranks), its decision, or its
+    error, then read the same checkpoint.
     """
+    world = distributed.detect()
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     try:
         config = validate(cfg)
         check_image_files(config.dataset)  # a folder dataset's classes and images, listed
+        distributed.check_meta_batch(config.algorithm.meta_batch_size, world)
     except UserError:
-        if not rundir.is_run_dir(run_dir):  # a sweep's refused job: `mamlrun report` lists it
-            _save_hydra_files(cfg, run_dir)
+        if not rundir.is_run_dir(run_dir) and world.is_main:  # a sweep's refused job: `mamlrun
+            _save_hydra_files(cfg, run_dir)  # report` lists it
         raise
-    resume_from = None
     if config.resume and config.resume != AUTO:
-        resume_from = rundir.resolve(config.resume, prefer=rundir.LAST)
-        run_dir = rundir.run_dir_of(resume_from)
-    with rundir.hold(run_dir):
+        run_dir = rundir.run_dir_of(rundir.resolve(config.resume, prefer=rundir.LAST))
+    distributed.setup(world, config.hardware.device)
+    try:
+        run_dir = _agreed_run_dir(world, run_dir)
+        value = (_lead if world.is_main else _follow)(cfg, config, run_dir, world)
+    except BaseException:
+        distributed.shutdown(world, clean=False)
+        raise
+    distributed.shutdown(world, clean=True)
+    return value
+
+
+def _lead(cfg: DictConfig, config, run_dir: Path, world) -> float:
+    """Rank 0 (or the one process): hold the run directory, decide what run it is and tell the
+    other ranks (its refusal, or to go on), then train."""
+    decided = False
+    try:
+        with rundir.hold(run_dir):
+            prepared = _prepare(cfg, config, run_dir, writes=True)
+            world.broadcast(None)  # no refusal: the other ranks read the same files
+            decided = True
+            if isinstance(prepared, float):
+                return prepared
+            return _train(*prepared, run_dir, world)
+    except UserError as err:
+        if world.distributed and not decided:
+            world.broadcast(str(err))  # the other ranks wait for the decision
+        raise
+
+
+def _follow(cfg: DictConfig, config, run_dir: Path, world) -> float:
+    """A rank other than 0: rank 0's refusal, else the same run, read from the same files.
+    Its log lines stay out of the run directory's Hydra log (a SLURM task's, configured
+    before this runs)."""
+    for handler in logging.getLogger().handlers[:]:
+        if isinstance(handler, logging.FileHandler):
+            logging.getLogger().removeHandler(handler)
+            handler.close()
+    refusal = world.broadcast(None)
+    if refusal is not None:
+        raise UserError(refusal)
+    prepared = _prepare(cfg, config, run_dir, writes=False)
+    if isinstance(prepared, float):
+        return prepared
+    return _train(*prepared, run_dir, world)
+
+
+def _agreed_run_dir(world, run_dir: Path) -> Path:
+    """Rank 0's run directory on every rank; another rank's own (a later timestamp, made empty
+    by Hydra) is removed."""
+    agreed = world.broadcast(run_dir)
+    if agreed != run_dir:
+        with contextlib.suppress(OSError):
+            run_dir.rmdir()  # only if empty
+    return agreed
+
+
+def _prepare(cfg: DictConfig, config, run_dir: Path, writes: bool):
+    """The run to train, as (cfg, config, payload), or the best value of a finished run; with
+    `writes` (rank 0, holding the directory) temporaries are removed and a new run's .hydra/
+    written."""
+    if writes:
         rundir.remove_temporaries(run_dir)  # left by a run killed mid-write: never complete
-        if config.resume != AUTO:
-            payload = rundir.load(resume_from) if resume_from is not None else None
-            if payload is not None:
-                refuse_untrusted_targets(payload["config"], config.trust_model_target, resume_from)
-                cfg = _resumed_config(cfg, payload["config"])
-                config = validate(cfg)
-        else:
-            payload = _auto_resume(cfg, run_dir)
-            if payload is not None and _finished(payload, config, run_dir):
+    if config.resume != AUTO:
+        resume_from = None
+        if config.resume:
+            resume_from = rundir.resolve(config.resume, prefer=rundir.LAST)
+        payload = rundir.load(resume_from) if resume_from is not None else None
+        if payload is not None:
+            refuse_untrusted_targets(payload["config"], config.trust_model_target, resume_from)
+            cfg = _resumed_config(cfg, payload["config"])
+            config = validate(cfg)
+    else:
+        payload = _auto_resume(cfg, run_dir, announce=writes)
+        if payload is not None and _finished(payload, config, run_dir):
+            if writes:
                 console.info(f"already finished: {run_dir} (resume=null trains it again)")
-                return (payload["best"] or {}).get("value", float("nan"))
-        if payload is None:
-            _save_hydra_files(cfg, run_dir)
-        return _train(cfg, config, run_dir, payload)
+            return (payload["best"] or {}).get("value", float("nan"))
+    if payload is None and writes:
+        _save_hydra_files(cfg, run_dir)
+    return cfg, config, payload
 
 
 def _save_hydra_files(cfg: DictConfig, run_dir: Path) -> None:
@@ -94,7 +166,7 @@ def _save_hydra_files(cfg: DictConfig, run_dir: Path) -> None:
         write_atomically(rundir.hydra_file(run_dir, name), lambda file, text=text: file.write(text))
 
 
-def _auto_resume(cfg: DictConfig, run_dir: Path) -> dict[str, Any] | None:
+def _auto_resume(cfg: DictConfig, run_dir: Path, announce: bool = True) -> dict[str, Any] | None:
     """`resume=auto`: the run's `last.pt` when the directory holds one, else None (a new run).
 
     Raises:
@@ -113,7 +185,8 @@ def _auto_resume(cfg: DictConfig, run_dir: Path) -> dict[str, Any] | None:
             f"{ours.get(key)!r} here); continue that run with resume={run_dir}, train this one "
             "in another hydra.run.dir, or overwrite it with resume=null"
         )
-    console.info(f"resume=auto: {last} is of this run")
+    if announce:
+        console.info(f"resume=auto: {last} is of this run")
     return payload
 
 
@@ -136,11 +209,18 @@ def _finished(payload: dict[str, Any], config, run_dir: Path) -> bool:
     return trained and (not config.train.eval_at_end or (run_dir / rundir.EVAL).is_file())
 
 
-def _train(cfg: DictConfig, config, run_dir: Path, payload: dict[str, Any] | None) -> float:
+def _train(cfg: DictConfig, config, payload: dict[str, Any] | None, run_dir: Path, world) -> float:
     record = to_container(cfg)
     record.pop("hydra", None)
-    trainer = Trainer(config, run_dir, record, payload)
-    rundir.record_attempt(run_dir, trainer.start, threads=torch.get_num_threads())
+    device = distributed.device_for(config.hardware.device, world)
+    config = dataclasses.replace(
+        config, hardware=dataclasses.replace(config.hardware, device=device)
+    )
+    trainer = Trainer(config, run_dir, record, payload, world)
+    if world.is_main:
+        rundir.record_attempt(
+            run_dir, trainer.start, threads=torch.get_num_threads(), world_size=world.size
+        )
     exit_code = 1
     try:
         trainer.fit()
@@ -148,10 +228,12 @@ def _train(cfg: DictConfig, config, run_dir: Path, payload: dict[str, Any] | Non
         if config.train.eval_at_end:
             trainer.evaluate()
         exit_code = 0
-        console.info(f"done: {run_dir}")
+        if world.is_main:
+            console.info(f"done: {run_dir}")
         return trainer.best["value"] if trainer.best else float("nan")
     except Pruned as pruned:  # a trial of `mamlrun tune` stopped by its pruner: a clean end
-        rundir.record_outcome(run_dir, "pruned", pruned.iteration)
+        if world.is_main:
+            rundir.record_outcome(run_dir, "pruned", pruned.iteration)
         exit_code = 0
         console.info(f"{pruned}; {rundir.checkpoint_path(run_dir)} holds it")
         return trainer.best["value"] if trainer.best else float("nan")

@@ -19,6 +19,7 @@ checkpoint, so nothing non-finite is ever written.
 from __future__ import annotations
 
 import math
+import signal
 import statistics
 import time
 from pathlib import Path
@@ -33,7 +34,7 @@ from mamlrun.errors import UserError
 from mamlrun.maml.batch import TaskBatch
 from mamlrun.maml.engine import Engine
 from mamlrun.maml.step import MetaStep, read_stats
-from mamlrun.run import rundir
+from mamlrun.run import distributed, rundir
 from mamlrun.run.build import (
     VALIDATION_SEED_OFFSET,
     engine_for,
@@ -42,10 +43,18 @@ from mamlrun.run.build import (
     preprocessing_for,
     task_sampler,
 )
+from mamlrun.run.distributed import World
 from mamlrun.run.interrupt import StopRequests
 from mamlrun.run.pruning import Pruned, TrialReporter
 from mamlrun.run.runtime import seed_everything, select_device
-from mamlrun.run.tracking import MetricsFile, make_tracker, prefixed, read_metrics
+from mamlrun.run.tracking import (
+    MetricsFile,
+    NullTracker,
+    UnwrittenMetrics,
+    make_tracker,
+    prefixed,
+    read_metrics,
+)
 
 
 class Trainer:
@@ -57,6 +66,9 @@ class Trainer:
         run_dir: where the run's files go (`mamlrun.run.rundir`).
         record: the resolved config as plain data: saved in checkpoints and sent to the tracker.
         payload: a loaded `last.pt` to continue from, or None.
+        world: the processes training this run together (`mamlrun.run.distributed`): each
+            computes the meta-gradient of its share of every meta-batch; rank 0 alone writes
+            metrics, checkpoints, plots and the tracker's run.
 
     Example:
         >>> trainer = Trainer(config, run_dir, record)
@@ -70,11 +82,13 @@ class Trainer:
         run_dir: Path,
         record: dict[str, Any],
         payload: dict[str, Any] | None = None,
+        world: World | None = None,
     ) -> None:
         self.config, self.run_dir, self.record = config, run_dir, record
+        self.world = world = World() if world is None else world
         self.device = select_device(config.hardware)
         seed_everything(config.seed)
-        if config.print_config:
+        if config.print_config and world.is_main:
             console.print_config_tree(record, title=f"mamlrun train → {run_dir}")
         self._build()
         self.start, self.best, self.window = 0, None, []
@@ -83,7 +97,14 @@ class Trainer:
         self.last_good: tuple[Path, int] | None = None  # the last last.pt written, its iteration
         if payload is not None:
             self._restore(payload)
+        distributed.broadcast_parameters(self.model, world)  # the same start on every rank
         algorithm, hardware = config.algorithm, config.hardware
+        self.reduce = None
+        if world.distributed:
+            local = len(range(algorithm.meta_batch_size)[world.share(algorithm.meta_batch_size)])
+            self.reduce = distributed.MetaGradientSum(
+                self.model.parameters(), world, local, algorithm.meta_batch_size
+            )
         # after loading the optimizer's state: the step may switch on its `capturable` option
         self.meta_step = MetaStep(
             self.engine,
@@ -92,12 +113,19 @@ class Trainer:
             cuda_graph=captures_cuda_graph(hardware, algorithm),
             bf16=hardware.precision == "bf16",
             skip_nonfinite=config.train.on_nonfinite == "skip",
+            reduce=self.reduce,
         )
         # a fresh run starts the file anew: rows of an attempt killed before its first checkpoint
         # would otherwise stay in front of this run's (resume keeps those up to its checkpoint)
-        self.metrics = MetricsFile(run_dir, keep_until=self.start)
+        self.metrics = (
+            MetricsFile(run_dir, keep_until=self.start) if world.is_main else UnwrittenMetrics()
+        )
         resume_id = (payload or {}).get("wandb_id")
-        self.tracker = make_tracker(config.logger, run_dir, record, resume_id=resume_id)
+        self.tracker = (
+            make_tracker(config.logger, run_dir, record, resume_id=resume_id)
+            if world.is_main
+            else NullTracker()
+        )
         self.seconds = 0.0
         self.trial = TrialReporter.from_environment()  # a trial of `mamlrun tune`, else None
         self.pruned_at: int | None = None
@@ -113,7 +141,8 @@ class Trainer:
         preprocessing = preprocessing_for(dataset)  # for `mamlrun adapt`: inputs as in training
         self.preprocessing = preprocessing and preprocessing.to_dict()
         params = sum(p.numel() for p in self.model.parameters())
-        console.info(f"model <{config.model.name}> with {params:,} parameters on {device}")
+        if self.world.is_main:
+            console.info(f"model <{config.model.name}> with {params:,} parameters on {device}")
         self.train_tasks = task_sampler(dataset, "train", seed=config.seed, device=device)
         val_seed = config.eval.seed + VALIDATION_SEED_OFFSET
         val_sampler = task_sampler(dataset, "val", seed=val_seed)
@@ -132,7 +161,13 @@ class Trainer:
         self.skipped = payload.get("skipped_steps", 0)
         self._state_checked_at = self.start
         self.last_good = (rundir.checkpoint_path(self.run_dir, rundir.LAST), self.start)
-        console.info(f"resuming {self.run_dir} from iteration {self.start}")
+        size = payload.get("world_size", 1)
+        if self.world.is_main:
+            changed = f" (trained by {size} processes, now {self.world.size})"
+            console.info(
+                f"resuming {self.run_dir} from iteration {self.start}"
+                + (changed if size != self.world.size else "")
+            )
 
     @property
     def metric(self) -> str:
@@ -142,7 +177,7 @@ class Trainer:
         """Train from the start iteration to `train.iterations`, with a progress bar."""
         loop, started = self.config.train, time.perf_counter()
         stops, every_step = loop.on_nonfinite == "stop", self.device.type == "cpu"
-        bar = console.progress()
+        bar = console.progress(shown=self.world.is_main)
         with bar, StopRequests() as stop:
             task = bar.add_task(
                 "train", total=loop.iterations, completed=self.start, speed="", losses=""
@@ -152,7 +187,7 @@ class Trainer:
                 logged = iteration % loop.log_every == 0 or last
                 validated = iteration % loop.val_every == 0 or last
                 saved = iteration % loop.checkpoint_every == 0 or last
-                self._step(logged)
+                stopping = self._step(logged, stop)
                 writes = logged or validated or saved
                 if stops and (every_step or writes):
                     # before anything is written; on a CPU only the new step is unread
@@ -162,24 +197,38 @@ class Trainer:
                     self._log(iteration, started, bar, task)
                 if validated:
                     self._validate(iteration)
-                if saved or stop.signum is not None or self.pruned_at is not None:
+                if saved or stopping or self.pruned_at is not None:
                     self._checkpoint(rundir.LAST, iteration)
                 bar.update(task, completed=iteration)
                 if self.pruned_at is not None:
                     self.seconds = time.perf_counter() - started
                     raise Pruned(iteration)
-                if stop.signum is not None:
+                if stopping:
                     self.seconds = time.perf_counter() - started
                     raise stop.interrupted(iteration, str(self.last_good[0]), str(self.run_dir))
         self.seconds = time.perf_counter() - started
 
-    def _step(self, logged: bool) -> None:
+    def _step(self, logged: bool, stop: StopRequests) -> bool:
         """One meta-iteration. The pre-adaptation query loss costs an extra forward pass:
         measured only on the last meta-batch of each logging window (the post-adaptation one on
-        all). Statistics stay on the device until logged: no wait for the GPU per iteration."""
+        all). Statistics stay on the device until logged: no wait for the GPU per iteration.
+
+        Every rank draws the whole meta-batch and keeps its share (`World.slice`). Returns
+        whether the run stops after this iteration: it was signalled (`stop`); with several
+        ranks, a signal goes to all of them with the meta-gradient and they stop after the same
+        step (one signalled during this step stops after the next)."""
         algorithm = self.config.algorithm
-        batch = self.train_tasks.sample(algorithm.meta_batch_size).to(self.device)
+        if stop.signum is not None and self.reduce is not None:
+            self.reduce.request_stop()
+        batch = self.train_tasks.sample(algorithm.meta_batch_size)
+        batch = self.world.slice(batch).to(self.device)
         self.window.append(self.meta_step(batch, algorithm.inner_steps, measure_before=logged))
+        if self.reduce is None:
+            return stop.signum is not None
+        if not self.reduce.agreed_stop():
+            return False
+        stop.signum = stop.signum or signal.SIGTERM  # another rank was signalled
+        return True
 
     def _stop_if_nonfinite(
         self, iteration: int, window: list | None = None, check_state: bool = False
@@ -224,12 +273,15 @@ class Trainer:
         self.window, self.skipped = [], self.skipped + skipped
         if self.device.type == "cuda":
             means["gpu_peak_mib"] = torch.cuda.max_memory_allocated(self.device) / 2**20
+        if self.world.distributed:
+            state = {"sampler": self.train_tasks.state_dict(), "rng": rundir.rng_state()}
+            distributed.check_in_sync(self.model, self.world, iteration, state)
         row = self.metrics.write(iteration, "train", means)
         self.tracker.log(prefixed("train", row), iteration)
         rate = (iteration - self.start) / (time.perf_counter() - started)
         losses = f"loss {means['loss_pre']:.4f} → {means['loss_post']:.4f}"
         bar.update(task, speed=f"{rate:.1f} it/s", losses=losses)
-        if not console.console.is_terminal:  # logs and pipes get a plain line
+        if not console.console.is_terminal and self.world.is_main:  # logs, pipes: a plain line
             total = self.config.train.iterations
             console.info(f"iteration {iteration}/{total} {rate:.1f} it/s {losses}")
 
@@ -237,7 +289,7 @@ class Trainer:
         """Validation on the fixed held-out tasks; a better score writes `best.pt`. In a trial
         of `mamlrun tune` the score goes to the trial, whose pruner may stop the run here."""
         steps = self.config.algorithm.test_inner_steps
-        val = validation_metrics(self.engine, self.val_batch, steps)
+        val = validation_metrics(self.engine, self.val_batch, steps, self.world)
         self.tracker.log(prefixed("val", self.metrics.write(iteration, "val", val)), iteration)
         score = val[f"{self.metric}_step{steps}"]
         sign = 1.0 if self.engine.higher_is_better else -1.0
@@ -253,6 +305,12 @@ class Trainer:
         containers of them; the samplers' and NumPy's RNG states included) so that it loads with
         `torch.load(weights_only=True)`: `rundir.save` checks it and writes atomically."""
         path = rundir.checkpoint_path(self.run_dir, name)
+        if self.world.is_main:
+            self._save(path, iteration)
+        if name == rundir.LAST:
+            self.last_good = (path, iteration)
+
+    def _save(self, path: Path, iteration: int) -> None:
         rundir.save(
             path,
             {
@@ -268,13 +326,15 @@ class Trainer:
                 "metric": self.metric,
                 "wandb_id": self.tracker.run_id,
                 "skipped_steps": self.skipped,
+                # every rank's sampler and RNG state is the one above: they draw alike
+                "world_size": self.world.size,
             },
         )
-        if name == rundir.LAST:
-            self.last_good = (path, iteration)
 
     def summarize(self) -> None:
-        """The learning-curve plot and the training summary table."""
+        """The learning-curve plot and the training summary table (rank 0's)."""
+        if not self.world.is_main:
+            return
         loop = self.config.train
         path = self.run_dir / rundir.METRICS
         # train.iterations=0 trains nothing and logs nothing: the test evaluates the initialization
@@ -305,6 +365,7 @@ class Trainer:
         from mamlrun.run.evaluation import evaluate_and_report
 
         best_path = rundir.checkpoint_path(self.run_dir, rundir.BEST)
+        self.world.barrier()  # rank 0 has written best.pt
         if best_path.exists():
             self.model.load_state_dict(rundir.load(best_path)["model"])
         best_iteration = (self.best or {}).get("iteration", 0)
@@ -317,6 +378,7 @@ class Trainer:
             best_path,
             best_iteration,
             self.config.train.iterations,
+            self.world,
         )
 
 
@@ -334,11 +396,20 @@ def _finite_mean(values) -> float:
     return statistics.fmean(finite) if finite else math.nan
 
 
-def validation_metrics(engine: Engine, val_batch: TaskBatch, steps: int) -> dict[str, float]:
+def validation_metrics(
+    engine: Engine, val_batch: TaskBatch, steps: int, world: World | None = None
+) -> dict[str, float]:
     """Mean query metric (and loss, for classification) after 0..steps steps on the fixed
-    validation tasks. Engines bound their own memory (the vmap engine adapts in chunks)."""
+    validation tasks, split across the ranks of `world`. Engines bound their own memory (the
+    vmap engine adapts in chunks)."""
     result: dict[str, float] = {}
-    for key, values in engine.adaptation_curve(val_batch, steps).items():
+    world = World() if world is None else world
+
+    def curve(batch: TaskBatch) -> dict[str, torch.Tensor]:
+        return engine.adaptation_curve(batch, steps)
+
+    curves = distributed.gather_curves(world, curve, val_batch)
+    for key, values in curves.items():
         if key == "loss" and engine.metric_name == "mse":
             continue  # for regression the metric is the loss
         mean = values.double().mean(dim=0)
