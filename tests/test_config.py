@@ -41,7 +41,7 @@ def test_every_combination_composes_and_validates(choice):
     typed = validate(cfg)
     assert typed.algorithm.first_order == (choice[2] == "fomaml")
     assert typed.hardware.device.startswith(choice[3])
-    assert typed.dataset.name == dataset
+    assert typed.dataset.name == ("folder" if dataset.startswith("folder") else dataset)
 
 
 def test_default_is_the_papers_sinusoid_setting():
