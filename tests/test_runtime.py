@@ -16,7 +16,8 @@ pytestmark = pytest.mark.skipif(
 
 # An iteration's allocation pattern in miniature: three 48 MB activations (above the 32 MB up to
 # which glibc's own mmap threshold adapts, as miniImageNet's), written, then freed. Prints whether
-# the thresholds were set and the page faults of the last 8 of 10 iterations.
+# the thresholds were set and the page faults of the last 7 of 10 iterations: the tuned heap grows
+# to its size within the first 3 (in which iteration it does varies from run to run).
 _ITERATIONS = """
 import json, resource, sys
 import torch
@@ -28,7 +29,7 @@ for _ in range(10):
     activations = [torch.ones(12 << 20) for _ in range(3)]
     del activations
     faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
-print(json.dumps({"tuned": tuned, "faults": sum(faults[2:])}))
+print(json.dumps({"tuned": tuned, "faults": sum(faults[3:])}))
 """
 
 
@@ -47,8 +48,8 @@ def _run(mode: str, **env: str) -> dict:
 def test_freed_activations_are_reused_without_page_faults():
     default, tuned = _run("default"), _run("tune")
     assert tuned["tuned"] and not default["tuned"]
-    # glibc's defaults map and unmap each block every iteration (8 x 36k pages to fault in)
-    assert default["faults"] > 8 * 10_000, default
+    # glibc's defaults map and unmap each block every iteration (7 x 36k pages to fault in)
+    assert default["faults"] > 7 * 10_000, default
     assert tuned["faults"] < default["faults"] / 10, (tuned, default)
 
 
