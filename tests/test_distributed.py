@@ -31,6 +31,7 @@ import torch.multiprocessing as mp
 from wandb_offline import read_wandb_offline
 
 from conftest import MAMLRUN, read_jsonl, relative_error
+from mamlrun.errors import UserError
 from mamlrun.maml.batch import TaskBatch
 from mamlrun.maml.l2l_engine import Learn2LearnEngine
 from mamlrun.maml.models import conv4, mlp
@@ -101,6 +102,8 @@ def _gradients(name: str, engine_name: str, first_order: bool, world: World):
 
 
 def _split_worker(rank: int, size: int, port: int, out: str) -> None:
+    # this rank's stderr (a C++ abort's message included) into a file the fixture reports
+    os.dup2(os.open(Path(out, f"rank{rank}.err"), os.O_WRONLY | os.O_CREAT), 2)
     torch.set_num_threads(1)
     dist.init_process_group(
         "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=size
@@ -118,7 +121,7 @@ def _split_worker(rank: int, size: int, port: int, out: str) -> None:
             "keys": sorted(stats) == sorted(reference_stats),
         }
     results["sync"] = _sync_checks(world)
-    dist.destroy_process_group()
+    distributed.shutdown(world, clean=True)  # as a run ends: no rank leaves with a peer mid-op
     Path(out, f"rank{rank}.json").write_text(json.dumps(results))
 
 
@@ -148,7 +151,11 @@ def _sync_checks(world: World) -> list[str]:
 def split_errors(tmp_path_factory):
     """Relative errors of the 2-rank meta-gradient against one process's, per case and rank."""
     out = tmp_path_factory.mktemp("split")
-    mp.spawn(_split_worker, args=(2, free_port(), str(out)), nprocs=2, join=True)
+    try:
+        mp.spawn(_split_worker, args=(2, free_port(), str(out)), nprocs=2, join=True)
+    except mp.ProcessExitedException as err:  # a crash; a raised exception shows its traceback
+        said = {p.name: p.read_text()[-2000:] for p in sorted(out.glob("rank*.err"))}
+        raise AssertionError(f"{err}; the ranks' stderr: {said}") from err
     return [json.loads((out / f"rank{rank}.json").read_text()) for rank in range(2)]
 
 
@@ -207,9 +214,20 @@ def test_a_slurm_step_rendezvous_on_its_first_node_and_a_port_of_its_job():
     distributed.rendezvous(env)
     assert env["MASTER_ADDR"] == "node7"
     assert env["MASTER_PORT"] == str(distributed.PORT_BASE + 12345 % distributed.PORT_SPAN)
+    # no job's port is one the kernel hands out to connections (gloo's, a store's) at random
+    ephemeral = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
+    assert distributed.PORT_BASE + distributed.PORT_SPAN <= int(ephemeral[0])
     given = {"SLURM_JOB_ID": "1", "MASTER_ADDR": "head", "MASTER_PORT": "999"}
     distributed.rendezvous(given)
     assert (given["MASTER_ADDR"], given["MASTER_PORT"]) == ("head", "999")
+
+
+@pytest.mark.skipif(torch.cuda.device_count() > 1, reason="this machine has a GPU per rank")
+def test_more_cuda_ranks_on_a_node_than_gpus_is_one_line():
+    gpus = torch.cuda.device_count()
+    with pytest.raises(UserError, match=f"on a node with {gpus} GPU.*at most {gpus} rank"):
+        distributed.device_for("cuda", World(1, 2, 1))
+    assert distributed.device_for("cpu", World(1, 2, 1)) == "cpu"
 
 
 def test_shares_cover_the_tasks_in_order():

@@ -39,8 +39,9 @@ from mamlrun.maml.batch import TaskBatch
 
 TIMEOUT_ENV = "MAMLRUN_DIST_TIMEOUT"  # seconds a collective may wait for the other ranks
 DEFAULT_TIMEOUT_S = 300
-# SLURM jobs without MASTER_PORT rendezvous on PORT_BASE + job id % PORT_SPAN.
-PORT_BASE, PORT_SPAN = 20000, 20000
+# SLURM jobs without MASTER_PORT rendezvous on PORT_BASE + job id % PORT_SPAN: below Linux's
+# ephemeral ports (32768 up), which any process's connections (gloo's among them) take at random.
+PORT_BASE, PORT_SPAN = 20000, 12000
 
 
 @dataclass(frozen=True)
@@ -178,8 +179,19 @@ def check_meta_batch(meta_batch_size: int, world: World) -> None:
 
 
 def device_for(device: str, world: World) -> str:
-    """The device of this rank: `cuda` is each rank's own GPU on its node (LOCAL_RANK)."""
+    """The device of this rank: `cuda` is each rank's own GPU on its node (LOCAL_RANK).
+
+    Raises:
+        UserError: the node has fewer GPUs than ranks (NCCL cannot put two ranks on one GPU).
+    """
     if world.distributed and device == "cuda":
+        gpus = torch.cuda.device_count()
+        if world.local_rank >= gpus:
+            raise UserError(
+                f"rank {world.rank} is local rank {world.local_rank} on a node with {gpus} "
+                f"GPU(s): start at most {gpus} rank(s) per node (torchrun --nproc-per-node, "
+                "srun --ntasks-per-node), one per GPU"
+            )
         return f"cuda:{world.local_rank}"
     return device
 
