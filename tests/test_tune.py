@@ -144,9 +144,10 @@ def test_killed_tuner_then_the_same_command_continues_the_study(tmp_path):
         time.sleep(0.5)
         if not (tmp_path / "outputs" / "tune" / "k" / "tune.json").is_file():
             continue  # the study is not created yet
-        study = load(tmp_path, "k")
-        running = study.get_trials(states=(TrialState.RUNNING,))
-        if len(finished(study)) >= 1 and running and "run_dir" in running[0].user_attrs:
+        trials = load(tmp_path, "k").get_trials()  # one snapshot: a trial may end between reads
+        done = [t for t in trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED)]
+        running = [t for t in trials if t.state == TrialState.RUNNING]
+        if done and running and "run_dir" in running[0].user_attrs:
             break
     else:
         pytest.fail("the tuner never reached its second trial")

@@ -24,6 +24,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -82,6 +83,9 @@ class TrialRunner:
 
     def __init__(self, space: SearchSpace, options: TuneOptions, train_overrides: list[str]):
         self.space, self.options, self.train_overrides = space, options, train_overrides
+        # Workers are threads drawing from the sampler's one RNG: a trial draws all its values
+        # at once, so a seeded study tries the same sets of values however the threads run.
+        self._drawing = threading.Lock()
 
     def command(self, params: dict[str, Any], run_dir: Path) -> list[str]:
         overrides = [*self.space.budget_overrides(), *self.train_overrides]
@@ -113,7 +117,8 @@ class TrialRunner:
     def __call__(self, trial) -> float:
         import optuna
 
-        params = {param.key: param.suggest(trial) for param in self.space.params}
+        with self._drawing:
+            params = {param.key: param.suggest(trial) for param in self.space.params}
         run_dir = self.options.study_dir() / TRIALS_DIR / str(trial.number)
         run_dir.mkdir(parents=True, exist_ok=True)
         trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")
