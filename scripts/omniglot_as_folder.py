@@ -11,15 +11,24 @@ query/ (15 others each).
 
 from __future__ import annotations
 
+import functools
 import sys
 import zipfile
 from pathlib import Path
 
 
+@functools.cache
+def _opened(archive: Path) -> zipfile.ZipFile:
+    """The archive, opened once and kept open: reading its index of 32,000 members again for
+    each character would take most of the time."""
+    return zipfile.ZipFile(archive)
+
+
+@functools.cache
 def omniglot_characters(archive: Path) -> dict[str, list[str]]:
-    """ "<set>/<alphabet>/<character>" -> its drawings' zip members, in the order mamlrun loads."""
-    with zipfile.ZipFile(archive) as source:
-        members = [m for m in source.namelist() if m.endswith(".png")]
+    """ "<set>/<alphabet>/<character>" -> its drawings' zip members, in the order mamlrun loads
+    (listed once per archive; callers must not change it)."""
+    members = [m for m in _opened(archive).namelist() if m.endswith(".png")]
     characters: dict[str, list[str]] = {}
     for member in sorted(members, key=lambda m: m.split("/")):
         characters.setdefault(member.rsplit("/", 1)[0], []).append(member)
@@ -34,9 +43,8 @@ def write_drawings(
     archive = root / f"{character.split('/')[0]}.zip"
     members = omniglot_characters(archive)[character][drawings]
     destination.mkdir(parents=True, exist_ok=True)
-    with zipfile.ZipFile(archive) as source:
-        for member in members:
-            (destination / member.rsplit("/", 1)[1]).write_bytes(source.read(member))
+    for member in members:
+        (destination / member.rsplit("/", 1)[1]).write_bytes(_opened(archive).read(member))
     return sorted(destination.iterdir())
 
 

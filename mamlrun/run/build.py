@@ -25,7 +25,7 @@ from mamlrun.config.schema import (
     TargetModel,
 )
 from mamlrun.data.class_images import ClassImages
-from mamlrun.data.folder import check_tasks, load_folder, scan_folder
+from mamlrun.data.folder import FolderListing, check_tasks, load_folder, scan_folder
 from mamlrun.data.preprocess import Preprocessing
 from mamlrun.data.sinusoid import SinusoidTasks
 from mamlrun.errors import UserError
@@ -44,6 +44,13 @@ def task_type(dataset: Any) -> str:
 
 
 @functools.lru_cache(maxsize=4)
+def _folder_listing(root: str, splits: tuple, split_seed: int) -> FolderListing:
+    """A folder dataset's files per split and class; listed once per process (checked before
+    the run starts, then loaded)."""
+    return scan_folder(root, dict(splits), split_seed)
+
+
+@functools.lru_cache(maxsize=4)
 def _split_images(
     name: str, root: str, download: bool, split_seed: int, folder: tuple | None
 ) -> dict[str, tuple[ClassImages, list[int]]]:
@@ -58,9 +65,8 @@ def _split_images(
         splits = omniglot_splits(len(data.images), split_seed=split_seed)
         return {split: (images, classes.tolist()) for split, classes in splits.items()}
     if name == "folder":
-        size, channels, invert, splits = folder
-        listing = scan_folder(root, dict(splits), split_seed)
-        loaded = load_folder(listing, Preprocessing(size=size, channels=channels, invert=invert))
+        preprocessing, splits = folder
+        loaded = load_folder(_folder_listing(root, splits, split_seed), preprocessing)
         return {split: (images, list(range(len(images)))) for split, images in loaded.items()}
     result = {}
     for split in SPLIT_NAMES.values():
@@ -72,8 +78,11 @@ def _split_images(
 def _folder_key(dataset: ImageDataset) -> tuple | None:
     if not isinstance(dataset, FolderDataset):
         return None
-    splits = tuple(sorted(dataset.splits.items()))
-    return dataset.image_size, dataset.channels, dataset.invert, splits
+    return preprocessing_for(dataset), _splits_key(dataset)
+
+
+def _splits_key(dataset: FolderDataset) -> tuple:
+    return tuple(sorted(dataset.splits.items()))
 
 
 def load_image_splits(dataset: ImageDataset) -> dict[str, tuple[ClassImages, list[int]]]:
@@ -90,7 +99,7 @@ def check_image_files(dataset: Any) -> None:
         UserError: naming the folder and the key to change.
     """
     if isinstance(dataset, FolderDataset):
-        listing = scan_folder(dataset.root, dataset.splits, dataset.split_seed)
+        listing = _folder_listing(dataset.root, _splits_key(dataset), dataset.split_seed)
         check_tasks(
             listing,
             dataset.ways,
