@@ -7,10 +7,10 @@ writes it back in the data-only form (atomically), after which `eval` and `resum
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
 from mamlrun import console
+from mamlrun.cli.parser import ArgumentParser
 from mamlrun.run import rundir
 
 DESCRIPTION = (
@@ -23,7 +23,7 @@ DESCRIPTION = (
 
 def run_checkpoint(args: list[str]) -> Path:
     """`mamlrun checkpoint convert OLD [--out NEW]`: writes NEW (default: OLD, replaced)."""
-    parser = argparse.ArgumentParser(prog="mamlrun checkpoint", description=DESCRIPTION)
+    parser = ArgumentParser(prog="mamlrun checkpoint", description=DESCRIPTION)
     actions = parser.add_subparsers(dest="action", required=True)
     convert = actions.add_parser(
         "convert", help="rewrite a TRUSTED older checkpoint as data only", description=DESCRIPTION

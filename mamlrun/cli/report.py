@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
 from mamlrun import console
@@ -14,6 +13,7 @@ from mamlrun.analysis.tables import (
     write_sweep_plot,
     write_tables,
 )
+from mamlrun.cli.parser import ArgumentParser
 from mamlrun.errors import UserError
 from mamlrun.run.rundir import is_run_dir
 
@@ -49,7 +49,7 @@ def _report_study(study_dir: Path, out: Path | None) -> list[Path]:
 
 def run_report(args: list[str]) -> list[Path]:
     """`mamlrun report PATH... [--out DIR]`: print the tables; with --out, also write them."""
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="mamlrun report",
         description="Tables from finished runs: paper vs mamlrun for presets, results for sweeps "
         "(sorted by the objective, seeds aggregated), and a plot of the objective against each "

@@ -3,9 +3,8 @@
 
 from __future__ import annotations
 
-import argparse
-
 from mamlrun.analysis.reproduce import TABLES, reproduce
+from mamlrun.cli.parser import ArgumentParser
 from mamlrun.errors import UserError
 
 
@@ -33,7 +32,7 @@ def _seeds(overrides: list[str]) -> tuple[int, list[str]]:
 
 def run_reproduce(args: list[str]) -> int:
     """`mamlrun reproduce TABLE [seeds=N] [key=value ...] [--dry-run]`."""
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="mamlrun reproduce",
         description="Run every cell of one of the paper's tables (Hydra multirun) and compare "
         "with the paper. Overrides apply to every cell, e.g. budget=0.01 for a scaled run; "
