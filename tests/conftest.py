@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
 import subprocess
@@ -77,6 +79,34 @@ def run_mamlrun(*args: str, cwd: Path, expect_ok: bool = True, timeout: int = 60
             f"stdout:\n{result.stdout[-3000:]}\nstderr:\n{result.stderr[-3000:]}"
         )
     return result
+
+
+def in_process(*args: str, cwd: Path) -> tuple[int, str, str]:
+    """`mamlrun ARGS` through the console script's own entry point (`mamlrun.cli.main`) in this
+    process: (exit status, stdout, stderr). For commands that run no training (refusals,
+    reports), many in a row: no interpreter and torch start per call."""
+    from mamlrun.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    here, code = os.getcwd(), 0
+    os.chdir(cwd)
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            main(list(args))
+    except SystemExit as exit:
+        code = exit.code if isinstance(exit.code, int) else 1
+    finally:
+        os.chdir(here)
+    return code, out.getvalue(), err.getvalue()
+
+
+def refused(*args: str, cwd: Path) -> str:
+    """`mamlrun ARGS` `in_process`, which must refuse it as bad input: exit status 2 and one
+    line on stderr, returned (each test file still runs the real console script too)."""
+    code, _, err = in_process(*args, cwd=cwd)
+    lines = err.strip().splitlines()
+    assert code == 2 and len(lines) == 1, (args, code, err)
+    return lines[0]
 
 
 def read_jsonl(path: Path) -> list[dict]:

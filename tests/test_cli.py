@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import QUICK, run_mamlrun
+from conftest import QUICK, refused, run_mamlrun
 
 
 def test_help_lists_subcommands(tmp_path):
@@ -61,12 +61,27 @@ def test_hydra_flags_work_after_the_subcommand(tmp_path):
     ],
 )
 def test_bad_input_exits_nonzero_with_a_readable_message(tmp_path, args, needle):
+    """By the console script's entry point in this process (the script itself: above)."""
     quick = QUICK if args[0] == "train" else ["logger=none", "eval.tasks=10"]
-    result = run_mamlrun(*args, *quick, cwd=tmp_path, expect_ok=False)
-    assert result.returncode == 2
-    assert needle in result.stderr and len(result.stderr.strip().splitlines()) == 1, result.stderr
-    assert "Traceback" not in result.stderr + result.stdout
+    line = refused(*args, *quick, cwd=tmp_path)
+    assert needle in line, line
     assert not list(tmp_path.glob("outputs/*/*/checkpoints")), "no work may start on bad input"
+
+
+@pytest.mark.parametrize(
+    ("args", "needle"),
+    [
+        (["report"], "the following arguments are required: paths; see mamlrun report --help"),
+        (["reproduce", "sinusoids"], "argument table: invalid choice: 'sinusoids'"),
+        (["checkpoint", "convrt", "x.pt"], "invalid choice: 'convrt'"),
+        (["checkpoint"], "the following arguments are required: action"),
+    ],
+)
+def test_the_argparse_subcommands_refuse_in_one_line_too(tmp_path, args, needle):
+    """Not argparse's usage and then the error: the error, saying where the usage is."""
+    line = refused(*args, cwd=tmp_path)
+    assert line.startswith(f"mamlrun {args[0]}: error: ") and needle in line, line
+    assert line.endswith("--help")
 
 
 def test_an_experiment_glob_expands_to_the_presets_in_their_folder():

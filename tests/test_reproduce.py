@@ -12,7 +12,7 @@ import pytest
 import torch
 from hydra import compose, initialize_config_module
 
-from conftest import MAMLRUN, QUICK, run_mamlrun
+from conftest import MAMLRUN, QUICK, in_process, refused, run_mamlrun
 from mamlrun.analysis.reproduce import _duration
 from mamlrun.analysis.throughput import device_throughput
 from mamlrun.config.schema import Algorithm, Hardware, MLPModel, SinusoidDataset
@@ -118,21 +118,21 @@ def test_budget_scales_iterations_and_is_validated():
 
 
 def test_reproduce_dry_run_lists_the_cells_and_their_cost(tmp_path):
-    result = run_mamlrun("reproduce", "sinusoid", "--dry-run", "budget=0.001", cwd=tmp_path)
-    out = result.stdout
+    # dry runs train nothing: by mamlrun's entry point in this process
+    code, out, _ = in_process("reproduce", "sinusoid", "--dry-run", "budget=0.001", cwd=tmp_path)
+    assert code == 0
     for text in ("sinusoid_maml", "sinusoid_pretrained", "1/10", "0/10", "0.01", "budget 0.001"):
         assert text in out, text
     assert "cost: 3,500 training tasks" in out  # 2 cells x 70 iterations x 25 tasks
     assert not (tmp_path / "outputs").exists(), "a dry run must not run anything"
-    bad = run_mamlrun("reproduce", "sinusoid", "seed=1,2", cwd=tmp_path, expect_ok=False)
-    assert bad.returncode == 2 and "runs each cell once" in bad.stderr
-    no_table = run_mamlrun("reproduce", "--dry-run", cwd=tmp_path, expect_ok=False)
-    assert no_table.returncode == 2
-    assert "name a table: omniglot, miniimagenet, sinusoid, all" in no_table.stderr
+    assert "runs each cell once" in refused("reproduce", "sinusoid", "seed=1,2", cwd=tmp_path)
+    no_table = refused("reproduce", "--dry-run", cwd=tmp_path)
+    assert "name a table: omniglot, miniimagenet, sinusoid, all" in no_table
 
 
 def test_reproduce_all_dry_run_plans_every_cell_of_the_paper(tmp_path):
-    out = run_mamlrun("reproduce", "all", "--dry-run", cwd=tmp_path).stdout
+    code, out, _ = in_process("reproduce", "all", "--dry-run", cwd=tmp_path)
+    assert code == 0
     presets = resources.files("mamlrun.conf") / "experiment" / "finn2017"
     cells = sorted(p.name.removesuffix(".yaml") for p in presets.iterdir() if p.suffix == ".yaml")
     assert len(cells) == 12
@@ -144,8 +144,8 @@ def test_reproduce_all_dry_run_plans_every_cell_of_the_paper(tmp_path):
 def test_reproduce_dry_run_on_cuda_estimates_from_the_gpu_bench(tmp_path):
     """Cells that train on CUDA are costed with the GPU throughputs; unmeasured cells say "?"."""
     args = ("reproduce", "omniglot", "--dry-run", "hardware=cuda", "budget=0.1")
-    out = run_mamlrun(*args, cwd=tmp_path).stdout
-    assert "est. H200 time" in out and "on an H200 GPU" in out
+    code, out, _ = in_process(*args, cwd=tmp_path)
+    assert code == 0 and "est. H200 time" in out and "on an H200 GPU" in out
     rows = {line.split()[1]: line for line in out.splitlines() if "omniglot_" in line}
     tasks = 6_000 * 32  # budget 0.1 of 60,000 iterations, meta-batch 32
     expected = _duration(tasks / device_throughput("cuda")[1]["omniglot_5w1s"])
@@ -209,39 +209,30 @@ def test_report_lists_failed_and_unfinished_runs(tmp_path):
         "train", *QUICK, "train.iterations=10", f"hydra.run.dir={sweep / 'ok'}", cwd=tmp_path
     )
     # A job that raised: its data is missing, so it stops after Hydra made its directory.
-    failed = run_mamlrun(
-        "train",
-        *QUICK,
-        "dataset=omniglot",
-        f"dataset.root={tmp_path / 'no-data'}",
-        f"hydra.run.dir={sweep / 'broken'}",
-        cwd=tmp_path,
-        expect_ok=False,
-    )
-    assert failed.returncode == 2 and (sweep / "broken/.hydra").is_dir()
+    no_data = (f"dataset.root={tmp_path / 'no-data'}", f"hydra.run.dir={sweep / 'broken'}")
+    refused("train", *QUICK, "dataset=omniglot", *no_data, cwd=tmp_path)
+    assert (sweep / "broken/.hydra").is_dir()
     # refused by validation: its recorded config holds values of the wrong type
-    refused = ("train.iterations=abc", "budget=abc", f"hydra.run.dir={sweep / 'refused'}")
-    assert run_mamlrun("train", *QUICK, *refused, cwd=tmp_path, expect_ok=False).returncode == 2
+    wrong = ("train.iterations=abc", "budget=abc", f"hydra.run.dir={sweep / 'refused'}")
+    refused("train", *QUICK, *wrong, cwd=tmp_path)
     _interrupted_run(sweep / "stopped", tmp_path)
 
-    result = run_mamlrun("report", str(sweep), "--out", str(tmp_path / "report"), cwd=tmp_path)
+    code, stdout, _ = in_process(
+        "report", str(sweep), "--out", str(tmp_path / "report"), cwd=tmp_path
+    )
+    assert code == 0
     rows = list(csv.DictReader((tmp_path / "report/results.csv").open()))
     status = {r["run"]: r["status"] for r in rows}
     expected = {"ok": "finished", "broken": "failed", "refused": "failed", "stopped": "unfinished"}
     assert status == expected, rows
     ok = next(r for r in rows if r["run"] == "ok")
     assert "±" in ok["test K=5 mse"] and ok["dataset"] == "–"  # `dataset` was swept
-    assert "runs: 1 of 4 finished" in result.stdout
+    assert "runs: 1 of 4 finished" in stdout
     assert (tmp_path / "report/results.md").is_file()
     # an --out that cannot be written: the tables are still printed, then one line, exit 2
     (tmp_path / "a-file").write_text("")
-    unwritable = run_mamlrun(
-        "report",
-        str(sweep),
-        "--out",
-        str(tmp_path / "a-file/report"),
-        cwd=tmp_path,
-        expect_ok=False,
+    code, stdout, stderr = in_process(
+        "report", str(sweep), "--out", str(tmp_path / "a-file/report"), cwd=tmp_path
     )
-    assert unwritable.returncode == 2 and "runs: 1 of 4 finished" in unwritable.stdout
-    assert "a-file/report: cannot write there (Not a directory)" in unwritable.stderr
+    assert code == 2 and "runs: 1 of 4 finished" in stdout
+    assert "a-file/report: cannot write there (Not a directory)" in stderr

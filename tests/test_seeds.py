@@ -13,7 +13,7 @@ import pytest
 import yaml
 from PIL import Image
 
-from conftest import run_mamlrun
+from conftest import in_process, refused, run_mamlrun
 from mamlrun.analysis.reproduce import RUN, _multiruns, plan
 from mamlrun.analysis.runs import FINISHED, Run
 from mamlrun.analysis.tables import build_tables
@@ -144,9 +144,8 @@ def test_missing_seeds_run_in_as_few_multiruns_as_cover_them_exactly(tmp_path):
 
 @pytest.mark.parametrize("bad", ["seeds=0", "seeds=x", "seeds=1.5"])
 def test_a_bad_seeds_argument_is_one_line_naming_it(tmp_path, bad):
-    result = run_mamlrun("reproduce", "sinusoid", bad, "--dry-run", cwd=tmp_path, expect_ok=False)
-    assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1
-    assert result.stderr.startswith(f"mamlrun reproduce: error: {bad}: must be a whole number")
+    line = refused("reproduce", "sinusoid", bad, "--dry-run", cwd=tmp_path)  # in this process
+    assert line.startswith(f"mamlrun reproduce: error: {bad}: must be a whole number")
 
 
 def test_a_seed_sweep_given_to_reproduce_points_to_seeds(tmp_path):
@@ -199,7 +198,9 @@ def test_report_aggregates_seeds_sorts_by_the_objective_and_plots_each_key(tmp_p
     sweep = tmp_path / "sweep"
     sweep_args = [*SWEEP, "hydra/launcher=parallel", f"hydra.sweep.dir={sweep}"]
     run_mamlrun("train", "-m", *sweep_args, cwd=tmp_path)
-    result = run_mamlrun("report", str(sweep), "--out", str(tmp_path / "out"), cwd=tmp_path)
+    # the reports: by mamlrun's entry point in this process (they train nothing)
+    code, stdout, _ = in_process("report", str(sweep), "--out", str(tmp_path / "out"), cwd=tmp_path)
+    assert code == 0
     expected = _objectives(sweep)
     assert len(expected) == 4 and all(len(v) == 2 for v in expected.values())
 
@@ -218,7 +219,7 @@ def test_report_aggregates_seeds_sorts_by_the_objective_and_plots_each_key(tmp_p
     runs = list(csv.DictReader((tmp_path / "out/results.csv").open()))
     objectives = [float(r["objective"]) for r in runs]
     assert objectives == sorted(objectives) and {r["seed"] for r in runs} == {"0", "1"}
-    assert "configurations, seeds aggregated" in result.stdout
+    assert "configurations, seeds aggregated" in stdout
 
     png = tmp_path / "out/sweep_objective.png"
     with Image.open(png) as image:
@@ -226,21 +227,17 @@ def test_report_aggregates_seeds_sorts_by_the_objective_and_plots_each_key(tmp_p
     assert _panels(png) == 2
 
     # Without --out the plot goes into the sweep directory (not into a run directory) ...
-    run_mamlrun("report", str(sweep), cwd=tmp_path)
+    assert in_process("report", str(sweep), cwd=tmp_path)[0] == 0
     assert _panels(sweep / "sweep_objective.png") == 2
     assert not any(sweep.glob("*/sweep_objective.png"))
     # ... and never over a file mamlrun did not write there.
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine/sweep_objective.png").write_text("my own notes")
-    refused = run_mamlrun(
-        "report", str(sweep), "--out", str(tmp_path / "mine"), cwd=tmp_path, expect_ok=False
-    )
-    assert refused.returncode == 2 and "mine/sweep_objective.png" in refused.stderr
+    mine = refused("report", str(sweep), "--out", str(tmp_path / "mine"), cwd=tmp_path)
+    assert "mine/sweep_objective.png" in mine
     assert (tmp_path / "mine/sweep_objective.png").read_text() == "my own notes"
-    into_run = run_mamlrun(
-        "report", str(sweep), "--out", str(sweep / "0"), cwd=tmp_path, expect_ok=False
-    )
-    assert into_run.returncode == 2 and "a run directory" in into_run.stderr
+    into_run = refused("report", str(sweep), "--out", str(sweep / "0"), cwd=tmp_path)
+    assert "a run directory" in into_run
     assert not (sweep / "0/results.csv").exists()
 
 
