@@ -85,11 +85,15 @@ def in_process(*args: str, cwd: Path) -> tuple[int, str, str]:
     """`mamlrun ARGS` through the console script's own entry point (`mamlrun.cli.main`) in this
     process: (exit status, stdout, stderr). For commands that run no training (refusals,
     reports), many in a row: no interpreter and torch start per call."""
+    from rich.console import Console
+
+    from mamlrun import console
     from mamlrun.cli import main
 
     out, err = io.StringIO(), io.StringIO()
-    here, code = os.getcwd(), 0
+    here, code, terminal = os.getcwd(), 0, console.console
     os.chdir(cwd)
+    console.console = Console(highlight=False, width=160)  # as a pipe gets it, under any worker
     try:
         with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
             main(list(args))
@@ -97,6 +101,7 @@ def in_process(*args: str, cwd: Path) -> tuple[int, str, str]:
         code = exit.code if isinstance(exit.code, int) else 1
     finally:
         os.chdir(here)
+        console.console = terminal
     return code, out.getvalue(), err.getvalue()
 
 
