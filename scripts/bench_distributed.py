@@ -86,7 +86,7 @@ def steps_per_second(setting: str, world: World, device: str, seconds: float) ->
     size = config.algorithm.meta_batch_size
     reduce = None
     if world.distributed:
-        reduce = MetaGradientSum(model.parameters(), world, size // world.size, size)
+        reduce = MetaGradientSum(model.parameters(), world, size)
     step = MetaStep(engine, optimizer, reduce=reduce)
     sampler = _sampler(config, _images(), device)
     inner = config.algorithm.inner_steps

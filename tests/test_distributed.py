@@ -95,8 +95,7 @@ def _gradients(name: str, engine_name: str, first_order: bool, world: World):
     model.zero_grad(set_to_none=True)
     stats = engine.meta_gradient(world.slice(batch), inner_steps=2, measure_before=True)
     if world.distributed:
-        share = len(range(tasks)[world.share(tasks)])
-        stats = MetaGradientSum(model.parameters(), world, share, tasks)(stats)
+        stats = MetaGradientSum(model.parameters(), world, tasks)(stats)
     grads = torch.cat([p.grad.reshape(-1) for p in model.parameters()])
     return grads, {key: float(value) for key, value in stats.items()}
 

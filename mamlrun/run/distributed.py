@@ -231,21 +231,21 @@ class MetaGradientSum:
     """`MetaStep`'s `reduce`: the global meta-batch's mean meta-gradient and statistics on every
     rank, from each rank's mean over its own tasks, in one flattened all-reduce.
 
-    Each rank's share is scaled by local/global tasks before the sum, so the result is the mean
-    over the global meta-batch (equal to one process's to rounding). One more element of the same
-    buffer carries `stop`: set by a rank asked to stop (a signal), summed, read as `agreed_stop`,
-    so that every rank ends after the same iteration.
+    Each rank's share (`World.share` of the meta-batch) is scaled by its tasks over the global
+    tasks before the sum, so the result is the mean over the global meta-batch (equal to one
+    process's to rounding). One more element of the same buffer carries `stop`: set by a rank
+    asked to stop (a signal), summed, read as `agreed_stop`, so that every rank ends after the
+    same iteration.
 
     Args:
         parameters: the meta-parameters, whose `.grad` the engine has just filled.
         world: the processes training together.
-        local_tasks, global_tasks: this rank's tasks per meta-batch, and all ranks' together.
+        global_tasks: the tasks of one meta-batch, all ranks' together.
     """
 
-    def __init__(
-        self, parameters: Iterable[torch.Tensor], world: World, local_tasks: int, global_tasks: int
-    ) -> None:
+    def __init__(self, parameters: Iterable[torch.Tensor], world: World, global_tasks: int) -> None:
         self.parameters = list(parameters)
+        local_tasks = len(range(global_tasks)[world.share(global_tasks)])
         self.world, self.scale = world, local_tasks / global_tasks
         first = self.parameters[0]
         self.stop = torch.zeros(1, dtype=first.dtype, device=first.device)

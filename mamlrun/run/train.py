@@ -63,12 +63,14 @@ def run_train(cfg: DictConfig) -> float:
         if not rundir.is_run_dir(run_dir) and world.is_main:  # a sweep's refused job: `mamlrun
             _save_hydra_files(cfg, run_dir)  # report` lists it
         raise
+    resume_from = None  # the checkpoint `resume=<path>` names
     if config.resume and config.resume != AUTO:
-        run_dir = rundir.run_dir_of(rundir.resolve(config.resume, prefer=rundir.LAST))
+        resume_from = rundir.resolve(config.resume, prefer=rundir.LAST)
+        run_dir = rundir.run_dir_of(resume_from)
     distributed.setup(world, config.hardware.device)
     try:
         run_dir = _agreed_run_dir(world, run_dir)
-        value = (_lead if world.is_main else _follow)(cfg, config, run_dir, world)
+        value = (_lead if world.is_main else _follow)(cfg, config, run_dir, resume_from, world)
     except BaseException:
         distributed.shutdown(world, clean=False)
         raise
@@ -76,13 +78,13 @@ def run_train(cfg: DictConfig) -> float:
     return value
 
 
-def _lead(cfg: DictConfig, config, run_dir: Path, world) -> float:
+def _lead(cfg: DictConfig, config, run_dir: Path, resume_from: Path | None, world) -> float:
     """Rank 0 (or the one process): hold the run directory, decide what run it is and tell the
     other ranks (its refusal, or to go on), then train."""
     decided = False
     try:
         with rundir.hold(run_dir):
-            prepared = _prepare(cfg, config, run_dir, writes=True)
+            prepared = _prepare(cfg, config, run_dir, resume_from, writes=True)
             world.broadcast(None)  # no refusal: the other ranks read the same files
             decided = True
             if isinstance(prepared, float):
@@ -94,7 +96,7 @@ def _lead(cfg: DictConfig, config, run_dir: Path, world) -> float:
         raise
 
 
-def _follow(cfg: DictConfig, config, run_dir: Path, world) -> float:
+def _follow(cfg: DictConfig, config, run_dir: Path, resume_from: Path | None, world) -> float:
     """A rank other than 0: rank 0's refusal, else the same run, read from the same files.
     Its log lines stay out of the run directory's Hydra log (a SLURM task's, configured
     before this runs)."""
@@ -105,7 +107,7 @@ def _follow(cfg: DictConfig, config, run_dir: Path, world) -> float:
     refusal = world.broadcast(None)
     if refusal is not None:
         raise UserError(refusal)
-    prepared = _prepare(cfg, config, run_dir, writes=False)
+    prepared = _prepare(cfg, config, run_dir, resume_from, writes=False)
     if isinstance(prepared, float):
         return prepared
     return _train(*prepared, run_dir, world)
@@ -121,16 +123,13 @@ def _agreed_run_dir(world, run_dir: Path) -> Path:
     return agreed
 
 
-def _prepare(cfg: DictConfig, config, run_dir: Path, writes: bool):
+def _prepare(cfg: DictConfig, config, run_dir: Path, resume_from: Path | None, writes: bool):
     """The run to train, as (cfg, config, payload), or the best value of a finished run; with
     `writes` (rank 0, holding the directory) temporaries are removed and a new run's .hydra/
     written."""
     if writes:
         rundir.remove_temporaries(run_dir)  # left by a run killed mid-write: never complete
     if config.resume != AUTO:
-        resume_from = None
-        if config.resume:
-            resume_from = rundir.resolve(config.resume, prefer=rundir.LAST)
         payload = rundir.load(resume_from) if resume_from is not None else None
         if payload is not None:
             refuse_untrusted_targets(payload["config"], config.trust_model_target, resume_from)

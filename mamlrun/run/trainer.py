@@ -101,9 +101,8 @@ class Trainer:
         algorithm, hardware = config.algorithm, config.hardware
         self.reduce = None
         if world.distributed:
-            local = len(range(algorithm.meta_batch_size)[world.share(algorithm.meta_batch_size)])
             self.reduce = distributed.MetaGradientSum(
-                self.model.parameters(), world, local, algorithm.meta_batch_size
+                self.model.parameters(), world, algorithm.meta_batch_size
             )
         # after loading the optimizer's state: the step may switch on its `capturable` option
         self.meta_step = MetaStep(
